@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m dsbp.experiments.demo --out runs/demo
+	$(PY) -m dsbp.cli demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
