@@ -72,8 +72,16 @@ def test_mlp_shapes_and_count():
 
 def test_vit_patch_count_and_shapes():
     for pool, extra in (("cls", 1), ("mean", 0)):
-        model = ViT(image_size=32, patch=4, in_channels=3, num_classes=10, dim=32, depth=2,
-                    heads=4, pool=pool)
+        model = ViT(
+            image_size=32,
+            patch=4,
+            in_channels=3,
+            num_classes=10,
+            dim=32,
+            depth=2,
+            heads=4,
+            pool=pool,
+        )
         assert model.num_patches == (32 // 4) ** 2
         x = torch.randn(3, 3, 32, 32)
         assert model.tokens(x).shape == (3, 64 + extra, 32)
@@ -99,8 +107,12 @@ def test_vit_attention_matches_torch_multihead_attention():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_registry_builds_every_model(name):
-    kw = {"resnet18": {"width": 0.125}, "cnn": {"width": 8}, "mlp": {"hidden": [16]},
-          "vit": {"patch": 7, "dim": 16, "depth": 1, "heads": 2}}[name]
+    kw = {
+        "resnet18": {"width": 0.125},
+        "cnn": {"width": 8},
+        "mlp": {"hidden": [16]},
+        "vit": {"patch": 7, "dim": 16, "depth": 1, "heads": 2},
+    }[name]
     model = build_model(name, in_channels=1, num_classes=5, image_size=28, **kw)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 5)
 

@@ -70,8 +70,11 @@ def build_model(
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    for arg, v in (("in_channels", in_channels), ("num_classes", num_classes),
-                   ("image_size", image_size)):
+    for arg, v in (
+        ("in_channels", in_channels),
+        ("num_classes", num_classes),
+        ("image_size", image_size),
+    ):
         if int(v) != v or v < 1:
             raise ValueError(f"{arg} must be a positive integer, got {v!r}")
     return _BUILDERS[name](int(in_channels), int(num_classes), int(image_size), **kw)

@@ -96,8 +96,13 @@ class ViT(nn.Module):
             raise ValueError(f"patch ({patch}) must divide image_size ({image_size})")
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        for name, v in (("in_channels", in_channels), ("num_classes", num_classes),
-                        ("dim", dim), ("depth", depth), ("heads", heads)):
+        for name, v in (
+            ("in_channels", in_channels),
+            ("num_classes", num_classes),
+            ("dim", dim),
+            ("depth", depth),
+            ("heads", heads),
+        ):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.image_size = image_size
