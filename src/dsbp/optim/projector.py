@@ -1,0 +1,296 @@
+"""SpectralProjector: DSBP's gradient projection as a hook-based preconditioner.
+
+It edits each weight's ``.grad`` in place, so it works with any optimizer (the K-FAC pattern):
+
+    proj = SpectralProjector(model, rank=10, interval=100)
+    loss.backward(); proj.project_(); opt.step()
+
+Per step it costs two thin matrix products per layer, O(k d_out d_in). Every ``interval`` steps
+(a *refresh*), forward hooks capture at most ``max_rows`` activation rows per layer and a
+warm-started block power iteration updates the top-k eigenvectors of the activation
+covariance (METHOD.md §1). Between refreshes the hooks capture nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from dsbp.core.covariance import covariance, gram_matvec, subsample_rows, trace_of_covariance
+from dsbp.core.eigen import block_power_iteration, top_eigh
+from dsbp.core.projection import SIDES, project, sharpness_term
+from dsbp.layers import adapters
+from dsbp.layers.hooks import register_forward_hooks, select_layers
+from dsbp.layers.state import LayerState
+
+_OVERRIDABLE = ("rank", "interval", "sharpness")
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_sharpness(value) -> float:
+    value = float(value)
+    if not value >= 0.0 or value != value or value == float("inf"):
+        raise ValueError(f"sharpness (beta) must be a finite number >= 0, got {value!r}")
+    return value
+
+
+class SpectralProjector:
+    """Projects each layer's weight gradient onto the top-k eigenvectors of its activation covariance.
+
+    Args:
+        model: the network; hooks go on its ``nn.Linear`` and ``nn.Conv2d`` layers.
+        rank: k, eigenvectors kept per layer (the paper: 10). Clipped to the layer width d.
+        interval: p, steps between eigen-refreshes (the paper: 100).
+        power_iters: block power iterations per refresh, warm-started (the paper: 5).
+        side: ``"output"`` (the paper's shapes: covariance of the layer's outputs, ``E E^T G``)
+            or ``"input"`` (covariance of its inputs / im2col patches, ``G E E^T``).
+        sharpness: beta, the weight of the sharpness term
+            ``beta * (lambda_1 / trace C) * e1 e1^T W`` [ours: normalised eigenvalue], 0 disables it.
+        max_rows: at most this many activation rows per layer enter a refresh (subsampled
+            without replacement by a private, seeded RNG).
+        layers: module names to act on; ``None`` means every Linear / Conv2d.
+        oversample: extra block columns beyond k; they speed up and stabilise power iteration
+            and are never used in the projection. [ours]
+        exact_threshold: on a layer's first refresh (no basis to warm-start from) the top
+            eigenvectors come from ``torch.linalg.eigh`` of the explicit d x d covariance when
+            d <= this, else from ``cold_iters`` power iterations on a random block. [ours]
+        cold_iters: power iterations for a cold start with d > exact_threshold.
+        seed: seeds the private RNG used for row subsampling and cold starts.
+        overrides: per-layer ``{name: {"rank": .., "interval": .., "sharpness": ..}}``.
+
+    Raises:
+        ValueError: rank/interval/power_iters/max_rows not positive, an unknown side, a
+            negative sharpness, a model without supported layers, or an unknown layer name.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rank: int = 10,
+        interval: int = 100,
+        power_iters: int = 5,
+        side: str = "output",
+        sharpness: float = 0.1,
+        max_rows: int = 8192,
+        layers: Iterable[str] | None = None,
+        *,
+        oversample: int = 8,
+        exact_threshold: int = 2048,
+        cold_iters: int = 30,
+        seed: int = 0,
+        overrides: Mapping[str, Mapping] | None = None,
+    ) -> None:
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        self.rank = _check_positive_int("rank", rank)
+        self.interval = _check_positive_int("interval", interval)
+        self.power_iters = _check_positive_int("power_iters", power_iters)
+        self.max_rows = _check_positive_int("max_rows", max_rows)
+        self.cold_iters = _check_positive_int("cold_iters", cold_iters)
+        if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+            raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
+        self.oversample, self.exact_threshold = oversample, int(exact_threshold)
+        self.sharpness = _check_sharpness(sharpness)
+        self.side, self.seed, self.model = side, int(seed), model
+        self.step = 0
+
+        self._layers: dict[str, LayerState] = {}
+        for i, (name, module) in enumerate(select_layers(model, layers)):
+            adapters.check_module(module, side, name)
+            self._layers[name] = LayerState(
+                name=name, module=module, index=i, side=side,
+                rank=self.rank, interval=self.interval, sharpness=self.sharpness,
+            )
+        self._by_module = {id(s.module): s for s in self._layers.values()}
+        for name, ov in (overrides or {}).items():
+            self.configure(name, **ov)
+        self._warned: set[tuple[str, str]] = set()
+        self._handles = register_forward_hooks(
+            [s.module for s in self._layers.values()], self._capture
+        )
+
+    # ------------------------------------------------------------------ configuration
+    def configure(self, name: str, **settings) -> None:
+        """Override ``rank``, ``interval`` and/or ``sharpness`` for one layer (by module name).
+
+        A new rank takes effect at that layer's next refresh.
+        """
+        st = self._state(name)
+        unknown = set(settings) - set(_OVERRIDABLE)
+        if unknown:
+            raise ValueError(f"unknown per-layer setting(s) {sorted(unknown)}; "
+                             f"allowed: {_OVERRIDABLE}")
+        if "rank" in settings:
+            st.rank = _check_positive_int("rank", settings["rank"])
+        if "interval" in settings:
+            st.interval = _check_positive_int("interval", settings["interval"])
+        if "sharpness" in settings:
+            st.sharpness = _check_sharpness(settings["sharpness"])
+
+    def layer_names(self) -> list[str]:
+        """Names of the modules DSBP acts on, in model order."""
+        return list(self._layers)
+
+    def layer_state(self, module_or_name: nn.Module | str) -> LayerState:
+        """The :class:`LayerState` of one layer (for diagnostics and extensions)."""
+        return self._state(module_or_name)
+
+    def basis(self, module_or_name: nn.Module | str) -> torch.Tensor:
+        """The layer's basis ``E`` (d, k): top-k eigenvectors of its activation covariance."""
+        st = self._state(module_or_name)
+        if st.block is None:
+            raise RuntimeError(f"layer {st.name!r} has no basis yet: no refresh has run")
+        return st.block[:, : st.k]
+
+    def eigenvalues(self, module_or_name: nn.Module | str) -> torch.Tensor:
+        """The layer's top-k eigenvalues (k,), descending (of ``C = A^T A`` on captured rows)."""
+        st = self._state(module_or_name)
+        if st.eigenvalues is None:
+            raise RuntimeError(f"layer {st.name!r} has no eigenvalues yet: no refresh has run")
+        return st.eigenvalues[: st.k]
+
+    def num_refreshes(self, module_or_name: nn.Module | str | None = None) -> int:
+        """Eigensolves done for one layer, or summed over all layers."""
+        if module_or_name is None:
+            return sum(s.refreshes for s in self._layers.values())
+        return self._state(module_or_name).refreshes
+
+    def refresh_due(self) -> bool:
+        """Whether any layer refreshes on the current step (its activations are being captured)."""
+        return any(s.due(self.step) for s in self._layers.values())
+
+    def _state(self, key: nn.Module | str) -> LayerState:
+        if isinstance(key, str):
+            if key not in self._layers:
+                raise KeyError(f"{key!r} is not one of the projector's layers: {list(self._layers)}")
+            return self._layers[key]
+        st = self._by_module.get(id(key))
+        if st is None:
+            raise KeyError(f"{type(key).__name__} module is not one of the projector's layers")
+        return st
+
+    # ------------------------------------------------------------------ hooks
+    def _generator(self, st: LayerState, salt: int) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + self.step * 7919 + st.index * 104_729 + salt)
+                      % (2**62))
+        return g
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        st = self._by_module[id(module)]
+        if not st.due(self.step):
+            return
+        gen = self._generator(st, 1 + st.captures)
+        st.rows.append(adapters.rows(module, inputs[0], output, st.side, self.max_rows, gen))
+        st.captures += 1
+        if sum(r.shape[0] for r in st.rows) > 2 * self.max_rows:  # gradient accumulation
+            st.rows = [subsample_rows(torch.cat(st.rows), self.max_rows, gen)]
+
+    def remove(self) -> None:
+        """Remove the forward hooks (the projector stops capturing activations)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------ refresh
+    def _warn(self, st: LayerState, what: str, msg: str) -> None:
+        warnings.warn(f"DSBP layer {st.name!r}, step {self.step}: {msg}", RuntimeWarning,
+                      stacklevel=3)
+        self._warned.add((st.name, what))
+
+    def _eigensolve(self, st: LayerState, A: torch.Tensor, b: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-b eigenpairs of ``A^T A``: warm-started power iteration, exact/cold on first use."""
+        if st.block is not None and st.block.shape == (A.shape[1], b):
+            return block_power_iteration(gram_matvec(A), st.block, self.power_iters)
+        if A.shape[1] <= self.exact_threshold:
+            return top_eigh(covariance(A), b)
+        V0 = torch.randn(A.shape[1], b, generator=self._generator(st, 0)).to(A.device)
+        return block_power_iteration(gram_matvec(A), V0, self.cold_iters)
+
+    def _refresh(self, st: LayerState, grad: torch.Tensor | None) -> None:
+        rows, st.rows, st.captures = st.rows, [], 0
+        if not rows:
+            self._warn(st, "norows", "refresh due but no activations were captured (was the "
+                       "forward pass run in train mode with grad enabled?); keeping the old basis")
+            return
+        with torch.autocast(device_type=rows[0].device.type, enabled=False):
+            A = torch.cat(rows).float()
+            A = subsample_rows(A, self.max_rows, self._generator(st, 0))
+            if not bool(torch.isfinite(A).all()):
+                self._warn(st, "nonfinite", "non-finite activations; refresh skipped, old basis kept")
+                return
+            if grad is not None and not bool(torch.isfinite(grad).all()):
+                self._warn(st, "nonfinite", "non-finite gradient; refresh skipped, old basis kept")
+                return
+            tr = trace_of_covariance(A)
+            if tr <= 0:
+                self._warn(st, "zero", "all captured activations are zero; refresh skipped")
+                return
+            d = A.shape[1]
+            b = min(d, min(st.rank, d) + self.oversample)
+            evals, V = self._eigensolve(st, A, b)
+        st.block, st.eigenvalues, st.trace = V, evals, tr
+        st.refreshes += 1
+        st.last_refresh = self.step
+
+    # ------------------------------------------------------------------ the projection
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Project every layer's weight gradient in place and advance the step counter.
+
+        ``G <- E E^T G + beta * lam_hat * e1 e1^T W`` (output side) or
+        ``G <- G E E^T + beta * lam_hat * W e1 e1^T`` (input side), with
+        ``lam_hat = lambda_1 / trace(C)``. On a refresh step the basis is recomputed first.
+        Layers without a basis yet (or without a gradient) are left untouched.
+
+        With mixed precision, call it on *unscaled* gradients (``scaler.unscale_(opt)`` first):
+        the sharpness term is not scaled by the loss scale.
+        """
+        for st in self._layers.values():
+            g = st.module.weight.grad
+            if st.due(self.step):
+                self._refresh(st, g)
+            if g is None or st.block is None:
+                continue
+            G = adapters.as_matrix(g)
+            E = st.block[:, : st.k]
+            new = project(G.to(E.dtype), E, st.side)
+            if st.sharpness != 0.0:
+                W = adapters.as_matrix(st.module.weight).to(E.dtype)
+                lam_hat = st.eigenvalues[0] / st.trace
+                new.add_(sharpness_term(W, E[:, 0], lam_hat, st.side), alpha=st.sharpness)
+            g.copy_(new.view_as(g))
+        self.step += 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """Tensors and plain numbers only, so ``torch.load(weights_only=True)`` reads it."""
+        return {
+            "step": self.step,
+            "side": self.side,
+            "layers": {n: s.to_dict() for n, s in self._layers.items()},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore bases, eigenvalues, per-layer settings and the step counter."""
+        if state.get("side", self.side) != self.side:
+            raise ValueError(f"state was saved with side={state['side']!r}, "
+                             f"this projector uses side={self.side!r}")
+        saved = set(state["layers"])
+        if saved != set(self._layers):
+            raise ValueError(f"state has layers {sorted(saved)}, projector has "
+                             f"{sorted(self._layers)}")
+        for n, d in state["layers"].items():
+            self._layers[n].load_dict(d)
+        self.step = int(state["step"])
