@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsbp.core.lanczos import lanczos, lanczos_tridiag
+from dsbp.core.lanczos import density_on_grid, lanczos, lanczos_tridiag, slq
 
 
 def _known_spectrum(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -83,3 +83,31 @@ def test_bad_arguments(dim, k, iters):
 def test_wrong_matvec_size():
     with pytest.raises(ValueError, match="matvec returned"):
         lanczos(lambda v: torch.cat([v, v]), 4, 1)
+
+
+def test_slq_quadrature_exact_for_low_degree_polynomials():
+    # Gauss quadrature with m nodes is exact for degree < 2m: sum_j w_j theta_j^p = v^T A^p v/|v|^2.
+    A = _known_spectrum(torch.linspace(-1.0, 3.0, 30, dtype=torch.float64), seed=7)
+    g = torch.Generator().manual_seed(8)
+    probes = (torch.randint(0, 2, (3, 30), generator=g) * 2 - 1).double()
+    nodes, weights = slq(lambda v: A @ v, 30, n_probes=3, iters=6, probes=probes)
+    assert nodes.shape == weights.shape == (3, 6)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3, dtype=torch.float64))
+    for p in range(0, 12):
+        quad = (weights * nodes**p).sum(1)
+        exact = torch.einsum("pi,ij,pj->p", probes, torch.linalg.matrix_power(A, p), probes) / 30
+        torch.testing.assert_close(quad, exact, rtol=1e-8, atol=1e-10)
+
+
+def test_slq_density_recovers_spectrum():
+    eigs = torch.tensor([0.0] * 10 + [5.0] * 10, dtype=torch.float64)
+    A = _known_spectrum(eigs, seed=9)
+    nodes, weights = slq(lambda v: A @ v, 20, n_probes=20, iters=20,
+                         generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(-3, 8, 2201, dtype=torch.float64)
+    rho = density_on_grid(nodes, weights, grid, sigma=0.2)
+    mass = torch.trapezoid(rho, grid)
+    assert abs(mass.item() - 1.0) < 1e-6
+    # Half the mass near 0, half near 5 (Rademacher probes: sampling error ~ 1/sqrt(20 * 20)).
+    near5 = torch.trapezoid(rho * (grid > 2.5), grid).item()
+    assert abs(near5 - 0.5) < 0.15

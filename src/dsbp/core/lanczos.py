@@ -13,7 +13,7 @@ import torch
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["lanczos", "lanczos_tridiag"]
+__all__ = ["density_on_grid", "lanczos", "lanczos_tridiag", "slq"]
 
 
 def _check_args(dim: int, k: int, iters: int | None) -> int:
@@ -172,3 +172,77 @@ def lanczos(
     signs = torch.sign(vecs[pivot, torch.arange(vecs.shape[1], device=vecs.device)])
     signs[signs == 0] = 1
     return vals, vecs * signs
+
+
+def slq(
+    matvec: Matvec,
+    dim: int,
+    n_probes: int,
+    iters: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    probes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) of a symmetric operator's spectrum.
+
+    For each Rademacher probe ``v`` (normalised), ``iters`` Lanczos steps give the Gauss quadrature
+    ``v^T f(A) v / ||v||^2 ~= sum_j w_j f(theta_j)`` with nodes ``theta_j`` (Ritz values) and
+    weights ``w_j = s_j[0]^2`` (first components of T's eigenvectors); exact for polynomials of
+    degree < 2 * iters. Averaging over probes estimates the spectral measure
+    ``(1/dim) sum_i delta(lambda_i)``: ``tr f(A) / dim ~= mean_p sum_j w_pj f(theta_pj)``.
+
+    Args:
+        matvec: symmetric operator (dim,) -> (dim,).
+        dim: its size.
+        n_probes: number of random probes (>= 1).
+        iters: Lanczos steps per probe (``<= dim``; clipped).
+        generator: RNG for the probes.
+        dtype, device: as in :func:`lanczos`.
+        probes: optional explicit probe vectors (n_probes, dim) instead of Rademacher draws.
+
+    Returns:
+        ``(nodes, weights)``, each (n_probes, m): Ritz values and quadrature weights; each row of
+        ``weights`` sums to 1.
+    """
+    if not isinstance(n_probes, int) or n_probes < 1:
+        raise ValueError(f"slq: n_probes must be a positive int, got {n_probes!r}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"slq: iters must be a positive int, got {iters!r}")
+    m = min(iters, dim)
+    nodes, weights = [], []
+    if probes is not None and tuple(probes.shape) != (n_probes, dim):
+        raise ValueError(f"slq: probes must have shape ({n_probes}, {dim}), got {probes.shape}")
+    for p in range(n_probes):
+        if probes is not None:
+            v = probes[p]
+        else:
+            v = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int64) * 2 - 1
+        # No restart: after a breakdown the Krylov space of v is exhausted and the quadrature
+        # with the shorter T is already exact for v.
+        T, _, _ = lanczos_tridiag(matvec, dim, m, v0=v.to(dtype), generator=generator,
+                                  dtype=dtype, device=device, restart=False)
+        theta, S = torch.linalg.eigh(T)
+        w = S[0, :] ** 2
+        pad = m - theta.numel()
+        if pad:  # zero-weight padding keeps a rectangular result
+            theta = torch.cat([theta, theta.new_zeros(pad)])
+            w = torch.cat([w, w.new_zeros(pad)])
+        nodes.append(theta)
+        weights.append(w)
+    return torch.stack(nodes), torch.stack(weights)
+
+
+def density_on_grid(
+    nodes: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor, sigma: float
+) -> torch.Tensor:
+    """Gaussian-smoothed spectral density from :func:`slq` output, evaluated on ``grid`` (g,).
+
+    ``rho(t) = mean_p sum_j w_pj N(t; theta_pj, sigma^2)``; integrates to 1 over the real line.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    t = grid.to(nodes.dtype).reshape(-1, 1, 1)  # (g, 1, 1)
+    kern = torch.exp(-0.5 * ((t - nodes) / sigma) ** 2) / (sigma * (2 * torch.pi) ** 0.5)
+    return (kern * weights).sum(dim=-1).mean(dim=-1)
