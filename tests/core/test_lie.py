@@ -136,5 +136,10 @@ def test_rotation_update_lowrank_matches_dense_formula():
     dense = cayley(-eta * (Gt @ W.T - W @ Gt.T)) @ W
     assert torch.allclose(rotation_update(W, G, eta, E=E), dense, atol=1e-12)
     assert torch.allclose(rotation_update(W, Gt, eta), dense, atol=1e-12)
+    # input side: G~ = G F F^T with F (d_in, k)
+    F = torch.linalg.qr(torch.randn(d_in, k, generator=g, dtype=torch.float64)).Q
+    Gi = G @ F @ F.T
+    dense_in = cayley(-eta * (Gi @ W.T - W @ Gi.T)) @ W
+    assert torch.allclose(rotation_update(W, G, eta, E=F, side="input"), dense_in, atol=1e-12)
     with pytest.raises(ValueError, match="same shape"):
         rotation_update(W, G[:, :3], eta)

@@ -133,7 +133,11 @@ def double_bracket_step(
 
 
 def rotation_update(
-    W: torch.Tensor, G: torch.Tensor, eta: float, E: torch.Tensor | None = None
+    W: torch.Tensor,
+    G: torch.Tensor,
+    eta: float,
+    E: torch.Tensor | None = None,
+    side: str = "output",
 ) -> torch.Tensor:
     """Rotation-only weight update ``W <- Cay(-eta (G~ W^T - W G~^T)) W`` (d_out, d_in).
 
@@ -143,11 +147,15 @@ def rotation_update(
 
     Args:
         W: weight (d_out, d_in).
-        G: gradient (d_out, d_in). With ``E`` given it is the raw gradient and
-            ``G~ = E E^T G`` (output-side projection); without, ``G`` is used as ``G~`` as is.
+        G: gradient (d_out, d_in). With ``E`` given it is the raw gradient and ``G~`` its DSBP
+            projection (``E E^T G`` output side, ``G E E^T`` input side); without ``E``, ``G`` is
+            used as ``G~`` as is.
         eta: learning rate.
-        E: optional (d_out, k) orthonormal output-side basis; then the skew generator has rank
-            <= 2k (``E M^T - M E^T``, ``M = W G^T E``), else rank <= 2 d_in.
+        E: optional orthonormal basis, (d_out, k) on the output side, (d_in, k) on the input
+            side. With it the skew generator has rank <= 2k: ``E M^T - M E^T`` with
+            ``M = W G^T E`` (output), or ``X Y^T - Y X^T`` with ``X = G E``, ``Y = W E`` (input).
+            Without it, rank <= 2 d_in.
+        side: ``"output"`` or ``"input"``, only used with ``E``.
 
     Returns:
         the updated weight, same shape and dtype as ``W``.
@@ -156,13 +164,18 @@ def rotation_update(
         raise ValueError(
             f"W and G must be 2-D of the same shape, got {tuple(W.shape)} and {tuple(G.shape)}"
         )
-    if E is not None:
+    if E is None:
+        U, V = skew_factors(G, W)  # G W^T - W G^T
+    elif side == "output":
         if E.ndim != 2 or E.shape[0] != W.shape[0]:
             raise ValueError(f"E must be (d_out={W.shape[0]}, k), got {tuple(E.shape)}")
-        M = W @ (G.T @ E)  # (d_out, k): G~ W^T = E M^T
-        U, V = skew_factors(E, M)
+        U, V = skew_factors(E, W @ (G.T @ E))  # G~ W^T = E (W G^T E)^T
+    elif side == "input":
+        if E.ndim != 2 or E.shape[0] != W.shape[1]:
+            raise ValueError(f"E must be (d_in={W.shape[1]}, k), got {tuple(E.shape)}")
+        U, V = skew_factors(G @ E, W @ E)  # G~ W^T = (G E)(W E)^T
     else:
-        U, V = skew_factors(G, W)  # G W^T - W G^T
+        raise ValueError(f"side must be 'output' or 'input', got {side!r}")
     if U.shape[1] >= W.shape[0]:
         # The factored form is no thinner than the dense one: solve with the d_out x d_out matrix.
         return cayley(-eta * (U @ V.T), check=False) @ W
