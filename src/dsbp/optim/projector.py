@@ -64,6 +64,8 @@ class SpectralProjector:
             d <= this, else from ``cold_iters`` power iterations on a random block. [ours]
         cold_iters: power iterations for a cold start with d > exact_threshold.
         seed: seeds the private RNG used for row subsampling and cold starts.
+        eig_dtype: precision of the covariance products and eigensolves (METHOD.md: fp32).
+            ``torch.float64`` resolves nearly degenerate spectra at a higher refresh cost.
         overrides: per-layer ``{name: {"rank": .., "interval": .., "sharpness": ..}}``.
 
     Raises:
@@ -86,6 +88,7 @@ class SpectralProjector:
         exact_threshold: int = 2048,
         cold_iters: int = 30,
         seed: int = 0,
+        eig_dtype: torch.dtype = torch.float32,
         overrides: Mapping[str, Mapping] | None = None,
     ) -> None:
         if side not in SIDES:
@@ -100,6 +103,9 @@ class SpectralProjector:
         self.oversample, self.exact_threshold = oversample, int(exact_threshold)
         self.sharpness = _check_sharpness(sharpness)
         self.side, self.seed, self.model = side, int(seed), model
+        if eig_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"eig_dtype must be torch.float32 or torch.float64, got {eig_dtype}")
+        self.eig_dtype = eig_dtype
         self.step = 0
 
         self._layers: dict[str, LayerState] = {}
@@ -112,7 +118,6 @@ class SpectralProjector:
         self._by_module = {id(s.module): s for s in self._layers.values()}
         for name, ov in (overrides or {}).items():
             self.configure(name, **ov)
-        self._warned: set[tuple[str, str]] = set()
         self._handles = register_forward_hooks(
             [s.module for s in self._layers.values()], self._capture
         )
@@ -203,10 +208,9 @@ class SpectralProjector:
         self._handles = []
 
     # ------------------------------------------------------------------ refresh
-    def _warn(self, st: LayerState, what: str, msg: str) -> None:
+    def _warn(self, st: LayerState, msg: str) -> None:
         warnings.warn(f"DSBP layer {st.name!r}, step {self.step}: {msg}", RuntimeWarning,
                       stacklevel=3)
-        self._warned.add((st.name, what))
 
     def _eigensolve(self, st: LayerState, A: torch.Tensor, b: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,27 +219,28 @@ class SpectralProjector:
             return block_power_iteration(gram_matvec(A), st.block, self.power_iters)
         if A.shape[1] <= self.exact_threshold:
             return top_eigh(covariance(A), b)
-        V0 = torch.randn(A.shape[1], b, generator=self._generator(st, 0)).to(A.device)
+        V0 = torch.randn(A.shape[1], b, generator=self._generator(st, 0), dtype=A.dtype)
+        V0 = V0.to(A.device)
         return block_power_iteration(gram_matvec(A), V0, self.cold_iters)
 
-    def _refresh(self, st: LayerState, grad: torch.Tensor | None) -> None:
+    def _refresh(self, st: LayerState, grad: torch.Tensor) -> None:
         rows, st.rows, st.captures = st.rows, [], 0
         if not rows:
-            self._warn(st, "norows", "refresh due but no activations were captured (was the "
+            self._warn(st, "refresh due but no activations were captured (was the "
                        "forward pass run in train mode with grad enabled?); keeping the old basis")
             return
         with torch.autocast(device_type=rows[0].device.type, enabled=False):
-            A = torch.cat(rows).float()
+            A = torch.cat(rows).to(self.eig_dtype)
             A = subsample_rows(A, self.max_rows, self._generator(st, 0))
             if not bool(torch.isfinite(A).all()):
-                self._warn(st, "nonfinite", "non-finite activations; refresh skipped, old basis kept")
+                self._warn(st, "non-finite activations; refresh skipped, old basis kept")
                 return
-            if grad is not None and not bool(torch.isfinite(grad).all()):
-                self._warn(st, "nonfinite", "non-finite gradient; refresh skipped, old basis kept")
+            if not bool(torch.isfinite(grad).all()):
+                self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
                 return
             tr = trace_of_covariance(A)
             if tr <= 0:
-                self._warn(st, "zero", "all captured activations are zero; refresh skipped")
+                self._warn(st, "all captured activations are zero; refresh skipped")
                 return
             d = A.shape[1]
             b = min(d, min(st.rank, d) + self.oversample)
@@ -252,16 +257,48 @@ class SpectralProjector:
         ``G <- E E^T G + beta * lam_hat * e1 e1^T W`` (output side) or
         ``G <- G E E^T + beta * lam_hat * W e1 e1^T`` (input side), with
         ``lam_hat = lambda_1 / trace(C)``. On a refresh step the basis is recomputed first.
-        Layers without a basis yet (or without a gradient) are left untouched.
+        Layers without a basis yet are left untouched; layers without a gradient are skipped
+        (their refresh, if due, waits for a step that has one).
 
         With mixed precision, call it on *unscaled* gradients (``scaler.unscale_(opt)`` first):
         the sharpness term is not scaled by the loss scale.
         """
+        if not getattr(self, "_batched", True):
+            self._project_loop()
+            return
+        # Fast path [ours]: refresh what is due, then project layers whose gradients share a
+        # shape in one batched product (torch.bmm over stacked grads; one kernel per group on a
+        # GPU instead of ~4 per layer), with the sharpness term folded into the thin k-dim
+        # factor. No .item() or host sync: the step is capturable. The reference loop is
+        # ``_project_loop`` (set ``projector._batched = False``); tests/optim/test_fastpath.py
+        # checks that both agree.
+        groups: dict[tuple, list[LayerState]] = {}
         for st in self._layers.values():
             g = st.module.weight.grad
+            if g is None:  # no backward reached this layer: nothing to project, refresh stays due
+                continue
             if st.due(self.step):
                 self._refresh(st, g)
-            if g is None or st.block is None:
+            if st.block is None:
+                continue
+            key = (tuple(g.shape), g.dtype, g.device, st.side, st.k, st.block.dtype)
+            groups.setdefault(key, []).append(st)
+        for sts in groups.values():
+            if len(sts) == 1:
+                self._project_one(sts[0])
+            else:
+                self._project_group(sts)
+        self.step += 1
+
+    def _project_loop(self) -> None:
+        """The reference per-layer projection loop (the fast path's parity reference)."""
+        for st in self._layers.values():
+            g = st.module.weight.grad
+            if g is None:  # no backward reached this layer: nothing to project, refresh stays due
+                continue
+            if st.due(self.step):
+                self._refresh(st, g)
+            if st.block is None:
                 continue
             G = adapters.as_matrix(g)
             E = st.block[:, : st.k]
@@ -272,6 +309,64 @@ class SpectralProjector:
                 new.add_(sharpness_term(W, E[:, 0], lam_hat, st.side), alpha=st.sharpness)
             g.copy_(new.view_as(g))
         self.step += 1
+
+    def _project_one(self, st: LayerState) -> None:
+        """One layer, sharpness folded into the thin factor, written into ``.grad`` directly.
+
+        Output side: ``E (E^T G + s e_1 (e1^T W))`` with ``s = beta * lam_hat``, which equals
+        ``E E^T G + s e1 e1^T W`` since ``E e_1 = e1`` (``e_1``: first unit vector of R^k).
+        Input side: ``(G E + s (W e1) e_1^T) E^T``.
+        """
+        g = st.module.weight.grad
+        G = adapters.as_matrix(g)  # (d_out, d_in), a view of .grad when it is contiguous
+        E = st.block[:, : st.k]  # (d, k)
+        Gc = G.to(E.dtype)
+        output = st.side == "output"
+        M = E.T @ Gc if output else Gc @ E  # (k, d_in) or (d_out, k)
+        if st.sharpness != 0.0:
+            W = adapters.as_matrix(st.module.weight).to(E.dtype)
+            s = st.eigenvalues[0] / st.trace * st.sharpness  # 0-d tensor: no host sync
+            if output:
+                M[0].add_(s * (E[:, 0] @ W))
+            else:
+                M[:, 0].add_(s * (W @ E[:, 0]))
+        if Gc.data_ptr() == g.data_ptr() and G.is_contiguous():
+            # M no longer reads G, so the product can overwrite the gradient in place
+            if output:
+                torch.mm(E, M, out=G)
+            else:
+                torch.mm(M, E.T, out=G)
+        else:
+            g.copy_((E @ M if output else M @ E.T).view_as(g))
+
+    def _stacked_basis(self, sts: list[LayerState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked bases (B, d, k) and sharpness scales (B,) of a group, rebuilt after refreshes."""
+        cache = self.__dict__.setdefault("_stack_cache", {})
+        key = tuple(st.name for st in sts)
+        tag = tuple((st.refreshes, st.block.data_ptr(), st.k, st.sharpness) for st in sts)
+        hit = cache.get(key)
+        if hit is None or hit[0] != tag:
+            Es = torch.stack([st.block[:, : st.k] for st in sts])
+            s = torch.stack([st.eigenvalues[0] / st.trace * st.sharpness for st in sts])
+            hit = cache[key] = (tag, Es, s.to(Es.dtype))
+        return hit[1], hit[2]
+
+    def _project_group(self, sts: list[LayerState]) -> None:
+        """Same-shaped layers in one batched product (see :meth:`_project_one` for the algebra)."""
+        Es, s = self._stacked_basis(sts)  # (B, d, k), (B,)
+        grads = [st.module.weight.grad for st in sts]
+        Gs = torch.stack([adapters.as_matrix(g) for g in grads]).to(Es.dtype)  # (B, d_out, d_in)
+        output = sts[0].side == "output"
+        M = torch.bmm(Es.transpose(1, 2), Gs) if output else torch.bmm(Gs, Es)
+        if any(st.sharpness != 0.0 for st in sts):
+            Ws = torch.stack([adapters.as_matrix(st.module.weight) for st in sts]).to(Es.dtype)
+            e1 = Es[:, :, :1]  # (B, d, 1)
+            if output:
+                M[:, :1, :].add_(s.view(-1, 1, 1) * torch.bmm(e1.transpose(1, 2), Ws))
+            else:
+                M[:, :, :1].add_(s.view(-1, 1, 1) * torch.bmm(Ws, e1))
+        new = torch.bmm(Es, M) if output else torch.bmm(M, Es.transpose(1, 2))
+        torch._foreach_copy_(grads, [n.view_as(g) for n, g in zip(new.unbind(0), grads, strict=True)])
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

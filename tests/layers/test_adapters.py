@@ -1,0 +1,67 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsbp.layers import adapters
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_as_matrix_views_conv_weight():
+    conv = nn.Conv2d(3, 5, 3)
+    W = adapters.as_matrix(conv.weight)
+    assert W.shape == (5, 27)
+    assert W.data_ptr() == conv.weight.data_ptr()  # a view, no copy
+
+
+def test_linear_rows_both_sides_without_subsampling():
+    lin = nn.Linear(4, 3)
+    x = torch.randn(2, 5, 4)
+    y = lin(x)
+    a_in = adapters.rows(lin, x, y, "input", 1000, _gen())
+    a_out = adapters.rows(lin, x, y, "output", 1000, _gen())
+    torch.testing.assert_close(a_in, x.reshape(-1, 4))
+    torch.testing.assert_close(a_out, y.detach().reshape(-1, 3))
+
+
+def test_conv_rows_equal_im2col_and_channels_by_positions():
+    conv = nn.Conv2d(2, 4, 3, padding=1, stride=2)
+    x = torch.randn(3, 2, 7, 7)
+    y = conv(x)
+    a_out = adapters.rows(conv, x, y, "output", 10_000, _gen())
+    ref_out = y.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    torch.testing.assert_close(a_out, ref_out)
+    a_in = adapters.rows(conv, x, y, "input", 10_000, _gen())
+    ref_in = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18)
+    torch.testing.assert_close(a_in, ref_in)
+    # the im2col rows reproduce the conv output: rows @ W^T (+ b) = outputs
+    W = adapters.as_matrix(conv.weight)
+    torch.testing.assert_close(a_in @ W.T + conv.bias, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_subsampled_rows_are_distinct_rows_of_the_full_matrix(side):
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x = torch.randn(6, 2, 8, 8)
+    y = conv(x)
+    full = (y.detach().permute(0, 2, 3, 1).reshape(-1, 3) if side == "output"
+            else F.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18))
+    sub = adapters.rows(conv, x, y, side, 50, _gen(3))
+    assert sub.shape == (50, full.shape[1])
+    # each sampled row is an exact row of the full matrix, and no row is taken twice
+    d = torch.cdist(sub, full, compute_mode="donot_use_mm_for_euclid_dist")
+    assert (d.min(dim=1).values < 1e-5).all()
+    assert len(set(d.argmin(dim=1).tolist())) == 50
+    # deterministic for a given generator seed
+    torch.testing.assert_close(sub, adapters.rows(conv, x, y, side, 50, _gen(3)))
+
+
+def test_input_side_rejects_grouped_conv_and_string_padding():
+    with pytest.raises(ValueError, match="groups"):
+        adapters.check_module(nn.Conv2d(4, 4, 3, groups=2), "input", "c")
+    with pytest.raises(ValueError, match="padding"):
+        adapters.check_module(nn.Conv2d(4, 4, 3, padding="same"), "input", "c")
+    adapters.check_module(nn.Conv2d(4, 4, 3, groups=2), "output", "c")  # fine on the output side
