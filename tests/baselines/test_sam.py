@@ -193,3 +193,26 @@ def test_sam_rejects_bad_arguments():
         SAM(p, base_optimizer=torch.optim.SGD(p, lr=0.1), lr=0.1)
     with pytest.raises(ValueError, match="closure"):
         SAM(p, lr=0.1).step()
+
+
+def test_sam_failed_second_pass_restores_weights_and_bn():
+    net = _bn_net()
+    w0 = [p.detach().clone() for p in net.parameters()]
+    x, y = torch.randn(8, 2, 5, 5), torch.randint(0, 3, (8,))
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in the second pass")
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    opt = SAM(net.parameters(), rho=0.5, model=net, lr=0.1)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(closure)
+    for p, p0 in zip(net.parameters(), w0, strict=True):
+        assert torch.equal(p, p0)
+    assert net[1].momentum == 0.1
+    opt.step(_closure(net, x, y))  # usable afterwards (no stale backup)

@@ -145,10 +145,7 @@ class SAM(torch.optim.Optimizer):
             scaler: a ``torch.amp.GradScaler``; the base step is then ``scaler.step(base)``,
                 which unscales the second-pass gradient and skips the step on inf/nan.
         """
-        for p, w in self._w_backup.items():
-            p.copy_(w)
-        self._w_backup.clear()
-        self._restore_bn()
+        self._undo_ascent()
         if scaler is None:
             self.base_optimizer.step()
         else:
@@ -172,10 +169,21 @@ class SAM(torch.optim.Optimizer):
         with torch.enable_grad():
             loss = closure()
         if self.first_step(zero_grad=True):
-            with torch.enable_grad():
-                closure()
+            try:
+                with torch.enable_grad():
+                    closure()
+            except BaseException:
+                self._undo_ascent()  # leave w and BatchNorm as they were before the step
+                raise
             self.second_step()
         return loss
+
+    @torch.no_grad()
+    def _undo_ascent(self) -> None:
+        for p, w in self._w_backup.items():
+            p.copy_(w)
+        self._w_backup.clear()
+        self._restore_bn()
 
     def _freeze_bn(self) -> None:
         if self.model is None:
