@@ -44,16 +44,20 @@ def make_fashion(folder: Path, rng: np.random.Generator, gz: bool = True) -> dic
     return d
 
 
-def make_cifar(root: Path, rng: np.random.Generator, per_batch: int = 4) -> dict:
+def make_cifar(root: Path, rng: np.random.Generator, per_batch: int = 4,
+               legacy: bool = False) -> dict:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     xs, ys = [], []
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, per_batch)]
-        with open(folder / name, "wb") as f:  # protocol 2, bytes keys, like the originals
-            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels,
-                         b"filenames": [b"f.png"] * per_batch}, f, protocol=2)
+        # protocol 2, bytes keys, like the originals
+        blob = pickle.dumps({b"batch_label": name.encode(), b"data": data, b"labels": labels,
+                             b"filenames": [b"f.png"] * per_batch}, protocol=2)
+        if legacy:  # the originals were written by numpy 1.x, which spells numpy.core
+            blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (folder / name).write_bytes(blob)
         xs.append(data)
         ys.append(labels)
     names = [b"plane", b"car", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship",
@@ -120,8 +124,9 @@ def test_fashion_truncated_is_corrupt(isolated: Path) -> None:
 
 # ---- CIFAR-10 pickles ---------------------------------------------------------------------
 
-def test_cifar_pickles_roundtrip(isolated: Path) -> None:
-    d = make_cifar(isolated, np.random.default_rng(1))
+@pytest.mark.parametrize("legacy", [False, True])
+def test_cifar_pickles_roundtrip(isolated: Path, legacy: bool) -> None:
+    d = make_cifar(isolated, np.random.default_rng(1), legacy=legacy)
     ds = load_dataset("cifar10", root=isolated)
     # Row layout: 1024 R, then 1024 G, then 1024 B, each 32x32 row-major.
     ref = torch.from_numpy(d["x_train"].reshape(-1, 3, 32, 32))
@@ -371,3 +376,19 @@ def test_import_is_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_image_dataset_validates() -> None:
+    from dsbp.data import ImageDataset
+
+    x = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
+    y = torch.tensor([0, 1, 0, 1])
+    ok = dict(name="t", x_train=x, y_train=y, x_test=x, y_test=y, classes=["a", "b"],
+              mean=(0.0,), std=(1.0,), source="test")
+    ds = ImageDataset(**ok)
+    assert (ds.num_classes, ds.in_channels, ds.image_size) == (2, 1, (2, 2))
+    for bad, match in ((dict(x_train=x.float()), "uint8"), (dict(y_test=y.int()), "int64"),
+                       (dict(classes=["a"]), "labels in"), (dict(mean=(0.0, 0.0)), "channel"),
+                       (dict(x_val=x), "both")):
+        with pytest.raises(ValueError, match=match):
+            ImageDataset(**{**ok, **bad})
