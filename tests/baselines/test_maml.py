@@ -140,3 +140,21 @@ def test_evaluate_and_bad_arguments():
         MAML(model, -1.0)
     with pytest.raises(ValueError, match="no tasks"):
         MAML(model).meta_loss([])
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batched_fast_path_matches_the_loop(first_order):
+    model, tasks = _tiny(), _tasks(3)
+    maml = MAML(model, inner_lr=0.5, inner_steps=2, first_order=first_order)
+    loop_loss = maml.meta_loss(tasks)
+    loop_grad = torch.autograd.grad(loop_loss, list(model.parameters()))
+    stacked = [torch.stack(t) for t in zip(*tasks, strict=True)]
+    vmap_loss = maml.meta_loss_batched(*stacked)
+    vmap_grad = torch.autograd.grad(vmap_loss, list(model.parameters()))
+    torch.testing.assert_close(vmap_loss, loop_loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(vmap_grad, loop_grad, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match="BatchNorm"):
+        MAML(bn).meta_loss_batched(*stacked)
