@@ -1,0 +1,149 @@
+"""DSBP step overhead against its base optimizer, measured as ratios in one interleaved run.
+
+Arms (each its own model copy, same initialisation, same real data batches):
+
+* ``base``: the base optimizer alone (SGD, momentum 0.9).
+* ``dsbp``: DSBP around the same base, the default (fast, batched) projection path, no refresh
+  inside the timed steps (the first step refreshes, then ``interval`` is effectively infinite).
+* ``dsbp_loop``: the same with the reference per-layer loop (``projector._batched = False``).
+* ``dsbp_refresh``: DSBP with ``interval=1``: every step captures activations and re-solves the
+  eigenproblem. ``(t_refresh - t_dsbp) / p`` is the refresh cost amortised over ``p`` steps.
+
+Each repeat runs one full training step (forward + backward + optimizer step) of every arm, in
+a rotating order, timing forward+backward and the optimizer step separately. Reported: medians
+and IQRs of times and of per-repeat ratios.
+
+CPU (default): ``python benchmarks/step_overhead.py --model cnn`` and ``--model resnet18``.
+GPU: ``python benchmarks/step_overhead.py --model resnet18 --width 1 --device cuda --dtype bf16
+--batch 512``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DTYPES, env_info, image_batches, summary, timed, write_json  # noqa: E402
+
+from dsbp import DSBP  # noqa: E402
+from dsbp.models.registry import build_model  # noqa: E402
+
+NEVER = 10**9  # an interval no benchmark reaches: no refresh after the first step
+
+
+def build(args) -> tuple[torch.nn.Module, str, int, int]:
+    if args.model == "cnn":
+        return build_model("cnn", 1, 10, 28, width=args.width_cnn), "bundled", 1, 28
+    return build_model("resnet18", 3, 10, 32, width=args.width), "cifar10", 3, 32
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("cnn", "resnet18"), default="cnn")
+    ap.add_argument("--width", type=float, default=0.25, help="ResNet-18 width multiplier")
+    ap.add_argument("--width-cnn", type=int, default=32, help="SmallCNN width")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rank", type=int, default=10)
+    ap.add_argument("--p", type=int, default=100, help="refresh interval to amortise over")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                    help="autocast dtype of forward/backward (fp32: no autocast)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
+    ap.add_argument("--out", default=None, help="results JSON name under benchmarks/results/")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model0, dataset, _, _ = build(args)
+    model0 = model0.to(device)
+    if device.type == "cuda":
+        model0 = model0.to(memory_format=torch.channels_last)
+    batches = image_batches(dataset, args.batch, 8, device)
+    dtype = DTYPES[args.dtype]
+    amp = dtype != torch.float32
+
+    def make(arm: str):
+        m = copy.deepcopy(model0)
+        kw = dict(lr=0.01, momentum=0.9)
+        if arm == "base":
+            return m, torch.optim.SGD(m.parameters(), **kw)
+        interval = 1 if arm == "dsbp_refresh" else NEVER
+        opt = DSBP(m, torch.optim.SGD, rank=args.rank, interval=interval, **kw)
+        opt.projector._batched = arm != "dsbp_loop"
+        return m, opt
+
+    arms = {a: make(a) for a in ("base", "dsbp", "dsbp_loop", "dsbp_refresh")}
+    times: dict[str, dict[str, list[float]]] = {a: {"fb": [], "step": []} for a in arms}
+    it = 0
+
+    def one_step(arm: str, record: bool) -> None:
+        nonlocal it
+        m, opt = arms[arm]
+        x, y = batches[it % len(batches)]
+
+        def fb():
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                loss = F.cross_entropy(m(x), y)
+            loss.backward()
+
+        t_fb = timed(fb, device)
+        t_st = timed(opt.step, device)
+        opt.zero_grad(set_to_none=True)
+        if record:
+            times[arm]["fb"].append(t_fb)
+            times[arm]["step"].append(t_st)
+
+    names = list(arms)
+    for r in range(args.warmup + args.repeats):
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no arm always first
+        for a in order:
+            one_step(a, r >= args.warmup)
+        it += 1
+
+    def full(a: str) -> list[float]:
+        return [f + s for f, s in zip(times[a]["fb"], times[a]["step"], strict=True)]
+
+    def ratio(num: list[float], den: list[float]) -> dict:
+        return summary([n / d for n, d in zip(num, den, strict=True)])
+
+    res: dict = {"args": vars(args), "env": env_info(device), "arms": {}}
+    for a in arms:
+        res["arms"][a] = {"fwd_bwd_s": summary(times[a]["fb"]), "step_s": summary(times[a]["step"]),
+                          "full_s": summary(full(a))}
+    base_full, base_step = full("base"), times["base"]["step"]
+    for a in ("dsbp", "dsbp_loop"):
+        res[f"{a}_full_ratio"] = ratio(full(a), base_full)
+        res[f"{a}_step_ratio"] = ratio(times[a]["step"], base_step)
+    # refresh cost per refresh, and its share of a base training step when spread over p steps
+    refresh_extra = [r - d for r, d in zip(full("dsbp_refresh"), full("dsbp"), strict=True)]
+    res["refresh_cost_s"] = summary(refresh_extra)
+    res["refresh_amortised_fraction"] = summary(
+        [e / args.p / b for e, b in zip(refresh_extra, base_full, strict=True)])
+    med = res["dsbp_full_ratio"]["median"] + res["refresh_amortised_fraction"]["median"]
+    res["dsbp_full_ratio_with_refresh_median"] = med
+    name = args.out or f"step_overhead_{args.model}_{device.type}_{args.dtype}.json"
+    path = write_json(name, res)
+    print(f"{args.model} {device.type} {args.dtype} batch {args.batch}: "
+          f"base full {statistics.median(base_full) * 1e3:.1f} ms")
+    for a in ("dsbp", "dsbp_loop"):
+        fr, sr = res[f"{a}_full_ratio"], res[f"{a}_step_ratio"]
+        print(f"  {a:10s} full-step ratio {fr['median']:.3f} (IQR {fr['q1']:.3f}-{fr['q3']:.3f}),"
+              f" optimizer-step ratio {sr['median']:.2f}")
+    print(f"  refresh: {res['refresh_cost_s']['median'] * 1e3:.1f} ms each, amortised over "
+          f"p={args.p}: {100 * res['refresh_amortised_fraction']['median']:.2f}% of a base step")
+    print(f"  -> {path}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

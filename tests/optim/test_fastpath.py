@@ -1,0 +1,156 @@
+"""The batched / fused projection fast path against the reference per-layer loop.
+
+``SpectralProjector.project_`` groups same-shaped layers into one ``torch.bmm`` and folds the
+sharpness term into the thin k-dim factor; ``projector._batched = False`` selects the
+reference loop. Both must produce the same gradients and the same training trajectory.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsbp import DSBP, SpectralProjector
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is faster, and immune to oversubscription on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Repeated(nn.Module):
+    """Groups of same-shaped layers (3 convs 8->8, 2 Linear 32->32) plus singletons."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc_in = nn.Linear(8 * 16, 32)
+        self.fcs = nn.ModuleList(nn.Linear(32, 32) for _ in range(2))
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for c in self.convs:
+            h = torch.relu(c(h)) + h
+        h = torch.relu(self.fc_in(self.pool(h).flatten(1)))
+        for f in self.fcs:
+            h = torch.relu(f(h))
+        return self.out(h)
+
+
+def _pair(side, sharpness, **kw):
+    torch.manual_seed(0)
+    m_ref = Repeated()
+    m_fast = copy.deepcopy(m_ref)
+    kwargs = dict(rank=4, interval=2, side=side, sharpness=sharpness, **kw)
+    p_ref = SpectralProjector(m_ref, **kwargs)
+    p_ref._batched = False
+    p_fast = SpectralProjector(m_fast, **kwargs)
+    return (m_ref, p_ref), (m_fast, p_fast)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+@pytest.mark.parametrize("sharpness", [0.0, 0.5])
+def test_batched_projection_equals_reference_loop(fmnist_batch, side, sharpness):
+    x, y = fmnist_batch
+    (m_ref, p_ref), (m_fast, p_fast) = _pair(side, sharpness)
+    for step in range(3):  # step 0 and 2 refresh, step 1 uses the cached stacked basis
+        xb, yb = x[32 * step: 32 * step + 32], y[32 * step: 32 * step + 32]
+        # same weights and bases in both arms, so only the projection itself is compared
+        m_fast.load_state_dict(m_ref.state_dict())
+        if step:
+            p_fast.load_state_dict(p_ref.state_dict())
+        for m, p in ((m_ref, p_ref), (m_fast, p_fast)):
+            m.zero_grad()
+            F.cross_entropy(m(xb), yb).backward()
+            p.project_()
+        for (n, a), (_, b) in zip(m_ref.named_parameters(), m_fast.named_parameters(),
+                                  strict=True):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), (n, step)
+        # the reference grad really is the closed form E E^T G (+ sharpness), and not trivially 0
+        E = p_ref.basis("fcs.0")
+        assert torch.linalg.matrix_rank(m_fast.fcs[0].weight.grad) <= 4 + (sharpness > 0)
+        assert m_fast.fcs[0].weight.grad.abs().sum() > 0
+        assert E.shape == (32, 4)
+        with torch.no_grad():
+            for a in m_ref.parameters():
+                a.sub_(0.1 * a.grad)
+    assert len(getattr(p_fast, "_stack_cache", {})) >= 2  # the batched branch really ran
+
+
+def test_fast_path_matches_closed_form_on_a_group(fmnist_batch):
+    """Independent answer: E E^T G + beta * lam1/tr * e1 e1^T W for each layer of a group."""
+    x, y = fmnist_batch
+    torch.manual_seed(1)
+    m = Repeated()
+    p = SpectralProjector(m, rank=3, interval=5, sharpness=0.3)
+    F.cross_entropy(m(x[:64]), y[:64]).backward()
+    raw = {n: mod.weight.grad.clone() for n, mod in m.named_modules()
+           if isinstance(mod, (nn.Linear, nn.Conv2d))}
+    p.project_()
+    for name in ("convs.0", "convs.1", "convs.2", "fcs.0", "fcs.1"):
+        mod = dict(m.named_modules())[name]
+        E = p.basis(name).double()
+        st = p.layer_state(name)
+        G = raw[name].reshape(raw[name].shape[0], -1).double()
+        W = mod.weight.detach().reshape(G.shape).double()
+        lam = (st.eigenvalues[0] / st.trace).double()
+        want = E @ (E.T @ G) + 0.3 * lam * torch.outer(E[:, 0], E[:, 0] @ W)
+        got = mod.weight.grad.reshape(G.shape).double()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), name
+
+
+def test_dsbp_training_trajectory_matches_reference(fmnist_batch):
+    """Ten DSBP(SGD, momentum) steps with refreshes: fast and reference weights agree."""
+    x, y = fmnist_batch
+    torch.manual_seed(2)
+    m_ref = Repeated()
+    m_fast = copy.deepcopy(m_ref)
+    o_ref = DSBP(m_ref, torch.optim.SGD, rank=4, interval=3, lr=0.05, momentum=0.9)
+    o_ref.projector._batched = False
+    o_fast = DSBP(m_fast, torch.optim.SGD, rank=4, interval=3, lr=0.05, momentum=0.9)
+    for step in range(10):
+        xb, yb = x[(12 * step) % 96:][:32], y[(12 * step) % 96:][:32]
+        for m, o in ((m_ref, o_ref), (m_fast, o_fast)):
+            o.zero_grad()
+            F.cross_entropy(m(xb), yb).backward()
+            o.step()
+    for a, b in zip(m_ref.parameters(), m_fast.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(m_fast.out.weight, Repeated().out.weight)
+
+
+def test_channels_last_and_missing_grads(fmnist_batch):
+    """Non-contiguous (channels_last) conv grads and a layer without grad take the copy path."""
+    x, y = fmnist_batch
+    (m_ref, p_ref), (m_fast, p_fast) = _pair("output", 0.1)
+    for m, p in ((m_ref, p_ref), (m_fast, p_fast)):
+        m.to(memory_format=torch.channels_last)
+        m.fcs[1].weight.requires_grad_(False)
+        F.cross_entropy(m(x[:32].contiguous(memory_format=torch.channels_last)), y[:32]).backward()
+        p.project_()
+    assert m_fast.fcs[1].weight.grad is None
+    for a, b in zip(m_ref.parameters(), m_fast.parameters(), strict=True):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_float64_bases(fmnist_batch):
+    x, y = fmnist_batch
+    (m_ref, p_ref), (m_fast, p_fast) = _pair("input", 0.1, eig_dtype=torch.float64)
+    for m, p in ((m_ref, p_ref), (m_fast, p_fast)):
+        F.cross_entropy(m(x[:32]), y[:32]).backward()
+        p.project_()
+    for a, b in zip(m_ref.parameters(), m_fast.parameters(), strict=True):
+        assert a.grad.dtype == torch.float32
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-8)
