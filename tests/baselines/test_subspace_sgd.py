@@ -44,10 +44,12 @@ def _problem(seed: int = 0):
 BATCH = (torch.zeros(1), torch.zeros(1))
 
 
-def _one_step(mode, a=1.0, b=1.0, lr=0.05):
+def _one_step(mode, a=1.0, b=1.0, lr=0.05, **kw):
     A, c, w0 = _problem()
     model = Quadratic(A, c, w0)
-    opt = SubspaceSGD(model, _identity_loss, mode=mode, k=K, a=a, b=b, lr=lr, hvp_batches=BATCH)
+    opt = SubspaceSGD(
+        model, _identity_loss, mode=mode, k=K, a=a, b=b, lr=lr, hvp_batches=BATCH, **kw
+    )
     model(None).backward()
     opt.step()
     # Independent answer: the top-K eigenvectors of A from eigh.
@@ -65,6 +67,9 @@ def test_dom_keeps_exactly_the_top_k_component():
         opt.eigenvalues, torch.tensor([9.0, 7.0, 5.0], dtype=torch.float64), rtol=1e-10, atol=0
     )
     assert opt.dom_fraction == pytest.approx(float(pg.norm() / g.norm()), rel=1e-10)
+    # float32 Lanczos (the memory-saving option for large nets): same step to fp32 accuracy.
+    w32, *_ = _one_step("dom", lanczos_dtype=torch.float32)
+    torch.testing.assert_close(w32, w, rtol=1e-5, atol=1e-6)
 
 
 def test_bulk_keeps_the_rest():

@@ -51,7 +51,10 @@ class SubspaceSGD(torch.optim.Optimizer):
         hvp_batches: default ``(x, y)`` batch (or list of batches) for the Hessian; ``step``'s
             ``batch`` argument overrides it. Default None (then ``step`` must get one on refresh
             steps).
-        lanczos_iters: Krylov dimension (default ``min(dim, 2k + 20)``).
+        lanczos_iters: Krylov dimension m (default ``min(dim, 2k + 20)``).
+        lanczos_dtype: dtype of the Krylov basis and of the stored eigenvectors. Default
+            float64; the basis takes ``dim * m * 8`` bytes (about 3.6 GB for a full-width
+            ResNet-18 at k = 10), so pass ``torch.float32`` for large models.
         params: parameter selection, as in :func:`dsbp.diagnostics.hvp.named_selected_params`
             (default: every trainable parameter). The subspace lives in their joint flat space.
         base_optimizer: optimizer class for the projected gradient. Default ``torch.optim.SGD``.
@@ -59,7 +62,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         **base_kwargs: further base-optimizer arguments (``momentum``, ``weight_decay``...).
 
     Attributes:
-        eigenvalues: (k,) top Hessian eigenvalues at the last refresh (float64), or None.
+        eigenvalues: (k,) top Hessian eigenvalues at the last refresh, descending, or None.
         dom_fraction: ``||P g|| / ||g||`` at the last step (float), or None.
 
     Raises:
@@ -79,6 +82,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         *,
         hvp_batches: Batch | Iterable[Batch] | None = None,
         lanczos_iters: int | None = None,
+        lanczos_dtype: torch.dtype = torch.float64,
         params: Any = None,
         base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
         seed: int = 0,
@@ -106,10 +110,11 @@ class SubspaceSGD(torch.optim.Optimizer):
         self.a, self.b = float(coef[0]), float(coef[1])
         self.hvp_batches = hvp_batches
         self.lanczos_iters = lanczos_iters
+        self.lanczos_dtype = lanczos_dtype
         self._plist = plist
         self._generator = torch.Generator().manual_seed(seed)
         self._step = 0
-        self.basis: torch.Tensor | None = None  # V (dim, k), float64, orthonormal columns
+        self.basis: torch.Tensor | None = None  # V (dim, k) in lanczos_dtype, orthonormal columns
         self.eigenvalues: torch.Tensor | None = None
         self.dom_fraction: float | None = None
 
@@ -123,7 +128,13 @@ class SubspaceSGD(torch.optim.Optimizer):
         matvec, dim = make_hvp(self.model, self.loss_fn, batches, self._plist)
         device = self._plist[0].device
         vals, vecs = lanczos(
-            matvec, dim, self.k, self.lanczos_iters, generator=self._generator, device=device
+            matvec,
+            dim,
+            self.k,
+            self.lanczos_iters,
+            generator=self._generator,
+            dtype=self.lanczos_dtype,
+            device=device,
         )
         self.basis, self.eigenvalues = vecs, vals
         return vals
