@@ -145,8 +145,11 @@ class SubspaceSGD(torch.optim.Optimizer):
         if self.basis is None:
             raise RuntimeError("SubspaceSGD: no basis yet; call refresh_basis or step(batch=...)")
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._plist]
-        g = torch.cat([gi.reshape(-1) for gi in grads]).to(self.basis.dtype)  # (dim,)
-        pg = self.basis @ (self.basis.T @ g)  # P g, (dim,)
+        g = torch.cat([gi.reshape(-1) for gi in grads])  # (dim,)
+        # Work in the wider of the two dtypes, so an fp32 basis never rounds an fp64 gradient.
+        dt = torch.promote_types(g.dtype, self.basis.dtype)
+        g, V = g.to(dt), self.basis.to(dt)
+        pg = V @ (V.T @ g)  # P g, (dim,)
         gnorm = torch.linalg.vector_norm(g)
         self.dom_fraction = float(torch.linalg.vector_norm(pg) / gnorm) if gnorm > 0 else 0.0
         new = self.a * pg + self.b * (g - pg)
