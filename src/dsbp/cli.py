@@ -1,0 +1,222 @@
+"""The ``dsbp`` command line.
+
+Subcommands:
+
+- ``dsbp bench``: run a grid (data sets x methods x ablations x seeds), write one run
+  directory per run, ``results.csv``, ``report.md`` and PNG plots.
+- ``dsbp demo``: the ``demo`` preset (SGD vs DSBP on the bundled Fashion-MNIST subset, about a
+  minute on a CPU); prints a results table and writes the learning curves.
+- ``dsbp report OUT``: remake ``results.csv``, ``report.md`` and the plots from run directories.
+- ``dsbp diagnose`` / ``dsbp figures``: diagnostics and paper figures, from
+  ``dsbp.experiments.diagnose_cli`` and ``dsbp.plots.figures`` when those are installed.
+
+Examples::
+
+    dsbp bench --preset smoke --out runs/smoke
+    dsbp bench --datasets fashion_mnist --methods sgd,sam,dsbp --epochs 5 --seeds 3 \\
+        --subset 5000 --out runs/fmnist
+    dsbp bench --methods dsbp --ablate rank=2,5,10 --ablate interval=10,100 --out runs/abl
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+# Subcommands owned by other modules: (command, module); imported only when invoked.
+_OPTIONAL_COMMANDS = (
+    ("diagnose", "dsbp.experiments.diagnose_cli"),
+    ("figures", "dsbp.plots.figures"),
+)
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench", help="run a grid of training runs and write results.csv, report.md, plots",
+        description="Run data sets x methods x ablations x seeds; each run gets a directory "
+        "under OUT/runs with config.json, env.json, metrics.jsonl and checkpoint.pt.",
+    )
+    p.add_argument("--preset", choices=("smoke", "demo", "paper"),
+                   help="start from a named grid (flags below override it)")
+    p.add_argument("--datasets", type=_csv, help="comma-separated data set names")
+    p.add_argument("--methods", type=_csv, help="comma-separated method names")
+    p.add_argument("--model", help="model name (cnn, mlp, resnet18, vit)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seeds", type=int, help="number of seeds: runs seeds 0..N-1")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate (eta)")
+    p.add_argument("--schedule", choices=("constant", "cosine", "linear", "onecycle"))
+    p.add_argument("--warmup", type=float, dest="warmup_frac", help="warm-up fraction of steps")
+    p.add_argument("--subset", type=int, help="train on a class-balanced subset of N images")
+    p.add_argument("--eval-subset", type=int, help="evaluate on a class-balanced subset")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"))
+    p.add_argument("--data-root", help="folder with the data files (default: the data search)")
+    p.add_argument("--ablate", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep a setting (config field or method setting); repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="set a config field or method setting, e.g. --set rho=0.1; repeatable")
+    p.add_argument("--track", type=_csv, help="diagnostics per epoch: spectrum, hessian, ...")
+    p.add_argument("--out", help="output folder (default: runs/<preset or bench>)")
+    p.add_argument("--label", help="one line describing the setting, shown atop report.md")
+    p.add_argument("--resume", action="store_true",
+                   help="continue interrupted runs in OUT and skip finished ones")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes per run (only 1 is supported by this command)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+
+def _grid_from_args(args: argparse.Namespace) -> tuple[list[Any], str | None]:
+    """The grid the bench flags describe, and its preset name."""
+    from dsbp.experiments.config import RunConfig, get_preset, with_setting
+    from dsbp.experiments.sweep import expand_grid, parse_ablation, parse_value
+
+    preset = get_preset(args.preset) if args.preset else None
+    base = preset.base if preset else RunConfig()
+    datasets = args.datasets or (list(preset.datasets) if preset else ["bundled"])
+    methods = args.methods or (list(preset.methods) if preset else ["sgd", "dsbp"])
+    n_seeds = args.seeds if args.seeds is not None else (preset.seeds if preset else 1)
+    if n_seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {n_seeds}")
+    flags = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "schedule": args.schedule, "warmup_frac": args.warmup_frac,
+             "subset": args.subset, "eval_subset": args.eval_subset, "augment": args.augment,
+             "device": args.device, "amp": args.amp, "data_root": args.data_root,
+             "track": tuple(args.track) if args.track else None}
+    for key, value in flags.items():
+        if value is not None:
+            base = with_setting(base, key, value)
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        base = with_setting(base, key.strip(), parse_value(value.strip()))
+    ablations: dict[str, list[Any]] = {}
+    for spec in args.ablate:
+        key, values = parse_ablation(spec)
+        if key in ablations:
+            raise ValueError(f"--ablate {key} given twice")
+        ablations[key] = values
+    overrides = dict(preset.method_overrides) if preset else {}
+    runs = expand_grid(base, datasets, methods, list(range(n_seeds)), ablations, overrides)
+    return runs, (preset.name if preset else None)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dsbp.experiments.sweep import bench
+
+    if args.nproc != 1:
+        raise ValueError(f"--nproc {args.nproc}: multi-process runs are not supported by "
+                         "`dsbp bench` yet; use --nproc 1")
+    runs, preset = _grid_from_args(args)
+    out = args.out or f"runs/{preset or 'bench'}"
+    print(f"dsbp bench: {len(runs)} runs -> {out}")
+    made = bench(runs, out, meta={"command": args.command_line, "preset": preset,
+                                  "label": args.label},
+                 resume=args.resume, progress=not args.no_progress)
+    _print_table(made["results"])
+    print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))
+    return 1 if any(res.status == "error" for _, res in made["results"]) else 0
+
+
+def _print_table(results: Sequence[tuple[Any, Any]]) -> None:
+    rows = [("run", "status", "test acc", "test loss", "train s")]
+    rows += [(gr.name, res.status, f"{100 * res.test_acc:.2f}%", f"{res.test_loss:.4f}",
+              f"{res.wall_s:.1f}") for gr, res in results]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser("demo", help="SGD vs DSBP on the bundled Fashion-MNIST subset (~1 min)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dsbp.experiments.config import get_preset, with_setting
+    from dsbp.experiments.sweep import GridRun, bench
+
+    preset = get_preset("demo")
+    cfgs = preset.configs()
+    if args.device:
+        cfgs = [with_setting(c, "device", args.device) for c in cfgs]
+    runs = [GridRun(c, ()) for c in cfgs]
+    print(f"dsbp demo: {preset.note}\n{len(runs)} runs -> {args.out} (finished runs are reused)")
+    made = bench(runs, args.out, meta={"command": args.command_line, "preset": "demo",
+                                       "label": "demo preset (bundled Fashion-MNIST subset, "
+                                       "SmallCNN, CPU-sized): not the paper's setting"},
+                 resume=True, progress=not args.no_progress)
+    _print_table(made["results"])
+    print(f"learning curves: {made['plots'][0] if made['plots'] else 'none'}\n"
+          f"report: {made['report']}")
+    return 1 if any(res.status == "error" for _, res in made["results"]) else 0
+
+
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser("report", help="remake results.csv, report.md and plots of a bench folder")
+    p.add_argument("out", help="a `dsbp bench` output folder")
+    p.add_argument("--label", help="override the setting line atop report.md")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dsbp.experiments.sweep import finish
+
+    made = finish(args.out, {"label": args.label} if args.label else None)
+    print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))
+    return 0
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``dsbp`` parser. Optional subcommands (diagnose, figures) are imported only when
+    ``argv`` invokes them, so a broken or missing optional module never breaks ``bench``."""
+    parser = argparse.ArgumentParser(prog="dsbp", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_bench(sub)
+    _add_demo(sub)
+    _add_report(sub)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for name, module in _OPTIONAL_COMMANDS:
+        if importlib.util.find_spec(module) is None:
+            continue
+        if command == name:
+            importlib.import_module(module).add_parser(sub)
+        else:  # listed in --help; the real parser is built when invoked
+            sub.add_parser(name, help=f"(see `dsbp {name} -h`; from {module})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dsbp`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    args.command_line = "dsbp " + shlex.join(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileExistsError) as err:
+        parser.exit(2, f"dsbp {args.command}: error: {err}\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""One run and its directory.
+
+A run directory holds::
+
+    config.json     the full RunConfig (RunConfig.from_json re-creates it)
+    env.json        torch version, device name, git commit, host, python (and one entry per resume)
+    metrics.jsonl   train / eval / status records (see dsbp.experiments.loop)
+    checkpoint.pt   model, optimizer (+ DSBP projector), LR schedule, grad scaler, every RNG,
+                    epoch, next batch, step, training clock, number of metric records
+    result.json     status (ok / diverged / error), final test accuracy and loss, wall_s
+
+Every file is written atomically (temporary file + ``os.replace``). ``metrics.jsonl`` is
+rewritten together with each checkpoint, so after an interruption the two agree; ``resume``
+continues from the checkpoint (mid-epoch, through the loader's ``iter_epoch(epoch,
+start_batch)``) and ends with the same weights and metrics as an uninterrupted run, bit for
+bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsbp.experiments import atomic
+from dsbp.experiments.build import (
+    BuildContext,
+    build_loss,
+    build_method,
+    build_model_for,
+    build_schedule,
+    load_data,
+    resolve_device,
+)
+from dsbp.experiments.config import RunConfig
+from dsbp.experiments.loop import TrainState, train
+from dsbp.experiments.track import build_trackers
+
+CHECKPOINT_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------ provenance
+def git_commit(path: str | Path | None = None) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool or None}`` of the git checkout holding ``path``
+    (default: this package's source)."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip() != ""
+        return {"commit": sha, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name: the GPU model for CUDA, the CPU model (or platform) otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """The facts that identify where and with what a run was made."""
+    import dsbp
+
+    return {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch_threads": torch.get_num_threads(),
+        "dsbp": dsbp.__version__,
+        **git_commit(),
+        "argv": sys.argv,
+    }
+
+
+# ------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    """Every global RNG the run may touch, as tensors and plain numbers (weights_only-safe)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and ``random`` with ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ------------------------------------------------------------------------------------ runs
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports; also the content of ``result.json``.
+
+    Attributes:
+        status: ``ok``, ``diverged`` or ``error``.
+        test_acc: test accuracy (fraction) of the last evaluation, NaN if none.
+        test_loss: test cross-entropy of the last evaluation, NaN if none.
+        wall_s: training seconds (excluding evaluation and checkpoints).
+        epochs_done: completed epochs.
+        steps: optimizer steps taken.
+        message: why the run stopped early (empty when ok).
+        device_name: the device the run trained on.
+    """
+
+    status: str
+    test_acc: float
+    test_loss: float
+    wall_s: float
+    epochs_done: int
+    steps: int
+    message: str = ""
+    device_name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def read_result(run_dir: str | Path) -> RunResult | None:
+    """The ``result.json`` of ``run_dir``, or None if the run has not finished."""
+    p = Path(run_dir) / "result.json"
+    return RunResult(**json.loads(p.read_text())) if p.exists() else None
+
+
+def write_error(run_dir: str | Path, cfg: RunConfig, err: BaseException, tb: str) -> RunResult:
+    """Record a run that raised: status ``error`` in ``result.json``, a status record in
+    ``metrics.jsonl`` (appended to what is there) and the traceback in ``error.txt``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.json").exists():
+        atomic.write_text(run_dir / "config.json", cfg.to_json() + "\n")
+    mpath = run_dir / "metrics.jsonl"
+    records = atomic.read_jsonl(mpath) if mpath.exists() else []
+    message = f"{type(err).__name__}: {err}"
+    records.append({"kind": "status", "status": "error", "message": message})
+    atomic.write_jsonl(mpath, records)
+    atomic.write_text(run_dir / "error.txt", tb)
+    res = _result_from(records, "error", message, "")
+    atomic.write_json(run_dir / "result.json", res.to_dict())
+    return res
+
+
+def _result_from(records: list[dict[str, Any]], status: str, message: str, dev: str) -> RunResult:
+    evals = [r for r in records if r.get("kind") == "eval"]
+    timed = [r for r in records if "wall_s" in r]
+    last = evals[-1] if evals else {}
+    steps = [r["step"] for r in records if "step" in r]
+    return RunResult(
+        status=status,
+        test_acc=float(last.get("test_acc", float("nan"))),
+        test_loss=float(last.get("test_loss", float("nan"))),
+        wall_s=float(timed[-1]["wall_s"]) if timed else 0.0,
+        epochs_done=int(last.get("epoch", 0)),
+        steps=int(max(steps)) if steps else 0,
+        message=message,
+        device_name=dev,
+    )
+
+
+def run(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    dataset: Any | None = None,
+    callbacks: Iterable[Callable[[TrainState], None]] = (),
+    desc: str | None = None,
+) -> RunResult:
+    """Train one run into ``run_dir`` (created) and return its result.
+
+    Args:
+        cfg: the run's configuration.
+        run_dir: the run directory.
+        resume: continue from ``run_dir/checkpoint.pt`` if there is one; a finished run
+            (``result.json`` present) is returned as is. Without ``resume`` an existing
+            run directory with a ``config.json`` is an error (nothing is overwritten).
+        progress: show a tqdm bar.
+        dataset: an already loaded ``ImageDataset`` for ``cfg.dataset`` (a sweep loads each
+            data set once).
+        callbacks: called with the :class:`~dsbp.experiments.loop.TrainState` after every step.
+        desc: progress-bar label (default: the directory name).
+
+    Returns:
+        The :class:`RunResult` also written to ``result.json``.
+
+    Raises:
+        FileExistsError: ``run_dir`` holds a run and ``resume`` is False.
+        ValueError: ``resume`` with a ``config.json`` that differs from ``cfg``; bad settings.
+    """
+    run_dir = Path(run_dir)
+    cfg_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    metrics_path, env_path = run_dir / "metrics.jsonl", run_dir / "env.json"
+    if cfg_path.exists():
+        if not resume:
+            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) "
+                                  "to continue it or choose another output folder")
+        saved = RunConfig.from_json(cfg_path.read_text())
+        if saved != cfg:
+            raise ValueError(f"cannot resume {run_dir}: its config.json differs from the "
+                             f"requested config\n saved:     {saved}\n requested: {cfg}")
+        done = read_result(run_dir)
+        if done is not None and done.status != "error":
+            return done
+    if cfg.amp == "fp16" and cfg.device == "cpu":
+        raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    device = resolve_device(cfg.device)
+    env = environment(device)
+    if env_path.exists() and ckpt_path.exists():
+        first = json.loads(env_path.read_text())
+        first.setdefault("resumes", []).append(env)
+        env = first
+    atomic.write_text(cfg_path, cfg.to_json() + "\n")
+    atomic.write_json(env_path, env)
+
+    # ---- build: data, model (seeded init), method, schedule; then seed the training RNGs
+    data = load_data(cfg, device, dataset)
+    model = build_model_for(cfg, data).to(device)
+    loss_fn = build_loss(cfg)
+    method = build_method(model, cfg, BuildContext(loss_fn=loss_fn, train=data.train,
+                                                   device=device, num_classes=data.num_classes))
+    if cfg.amp == "fp16" and method.closure_step:
+        method.close()
+        raise ValueError(f"amp='fp16' is not supported for {cfg.method!r} (closure step); "
+                         "use amp='bf16'")
+    scheduler = build_schedule(method.optimizer, cfg, len(data.train))
+    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    trackers = build_trackers(cfg.track, cfg)
+    seed_everything(cfg.seed)
+
+    state = TrainState()
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{ckpt_path}: checkpoint format {ckpt.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT}")
+        method.model.load_state_dict(ckpt["model"])
+        method.load_state_dict(ckpt["method"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        state = TrainState(**ckpt["state"])
+        # metrics.jsonl may hold records written after this checkpoint: keep exactly its own.
+        state.records = atomic.read_jsonl(metrics_path)[: ckpt["n_records"]]
+        set_rng_state(ckpt["rng"])
+
+    def save(st: TrainState) -> None:
+        atomic.write_jsonl(metrics_path, st.records)
+        atomic.torch_save(ckpt_path, {
+            "format": CHECKPOINT_FORMAT,
+            "model": method.model.state_dict(),
+            "method": method.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "state": st.scalars(),
+            "n_records": len(st.records),
+            "rng": rng_state(),
+        })
+
+    try:
+        outcome = train(cfg, method=method, scheduler=scheduler, data=data, loss_fn=loss_fn,
+                        state=state, device=device, save=save, trackers=trackers,
+                        callbacks=callbacks, scaler=scaler, progress=progress,
+                        desc=desc if desc is not None else run_dir.name)
+    finally:
+        method.close()
+    atomic.write_jsonl(metrics_path, state.records)
+    result = _result_from(state.records, outcome.status, outcome.message, env["device_name"])
+    atomic.write_json(run_dir / "result.json", result.to_dict())
+    return result
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    """The :class:`RunConfig` saved in ``run_dir/config.json``."""
+    return RunConfig.from_json((Path(run_dir) / "config.json").read_text())
+
+
+__all__ = ["RunResult", "load_config", "read_result", "run", "write_error", "environment",
+           "git_commit", "device_name", "rng_state", "set_rng_state", "seed_everything"]

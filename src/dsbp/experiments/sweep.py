@@ -1,0 +1,308 @@
+"""A grid of runs (data sets x methods x ablated settings x seeds) into one output folder.
+
+Layout of ``out``::
+
+    bench.json          the command, preset, grid and environment of the sweep
+    runs/<run name>/    one run directory per run (see dsbp.experiments.run)
+    results.csv         one row per run (from the run directories)
+    report.md           measured mean ± std beside the paper's claimed table
+    learning_curves.png, acc_vs_wallclock.png
+
+A diverging run stops with status ``diverged``; a run that raises is recorded with status
+``error`` (traceback in its ``error.txt``); either way the rest of the grid goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsbp.experiments import atomic
+from dsbp.experiments.build import METHODS, get_method
+from dsbp.experiments.config import CONFIG_FIELDS, RunConfig, setting_value, with_setting
+from dsbp.experiments.run import RunResult, environment, read_result, run, write_error
+
+# Columns every results.csv has, in this order; ablated settings follow them.
+RESULT_COLUMNS = ("dataset", "model", "method", "seed", "epochs", "test_acc", "test_loss",
+                  "wall_s", "device", "status", "epochs_done", "steps", "batch_size", "lr",
+                  "subset", "run", "message")
+
+
+def parse_value(text: str) -> Any:
+    """``"10"`` -> 10, ``"0.1"`` -> 0.1, ``"true"`` -> True, ``"null"`` -> None, else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_ablation(spec: str) -> tuple[str, list[Any]]:
+    """``"rank=2,5,10"`` -> ``("rank", [2, 5, 10])``.
+
+    Raises:
+        ValueError: without ``=``, an empty key, or no values.
+    """
+    key, sep, values = spec.partition("=")
+    key = key.strip()
+    vals = [parse_value(v.strip()) for v in values.split(",") if v.strip()]
+    if not sep or not key or not vals:
+        raise ValueError(f"--ablate expects KEY=V1,V2,..., got {spec!r}")
+    return key, vals
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One cell of the grid: its config, the ablated setting names it spells out, its name."""
+
+    cfg: RunConfig
+    ablated: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.cfg.run_name(self.ablated)
+
+
+def expand_grid(
+    base: RunConfig,
+    datasets: Sequence[str],
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    ablations: Mapping[str, Sequence[Any]] | None = None,
+    method_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[GridRun]:
+    """Every run of the grid, dataset-major, then method, then ablated values, then seed.
+
+    An ablated key that is a :class:`RunConfig` field (``lr``, ``batch_size``...) multiplies
+    every method; a method setting (``rank``, ``interval``, ``rho``...) multiplies only the
+    methods that declare it (``--ablate rank=...`` does not re-run SGD per rank).
+
+    Raises:
+        ValueError: unknown method, empty lists, or an ablated key that neither is a config
+            field nor is read by any method of the grid.
+    """
+    if not datasets or not methods or not seeds:
+        raise ValueError("the grid needs at least one data set, one method and one seed")
+    specs = [get_method(m) for m in methods]
+    ablations = dict(ablations or {})
+    for key in ablations:
+        if key not in CONFIG_FIELDS and not any(key in s.settings for s in specs):
+            readers = sorted(m for m, s in METHODS.items() if key in s.settings)
+            raise ValueError(
+                f"--ablate {key}: not a RunConfig field and not a setting of any method in "
+                f"this grid ({', '.join(methods)}); methods that read it: {readers or 'none'}"
+            )
+    out: list[GridRun] = []
+    for ds in datasets:
+        for spec in specs:
+            cfg = dataclasses.replace(base, dataset=ds, method=spec.name)
+            for k, v in (method_overrides or {}).get(spec.name, {}).items():
+                cfg = with_setting(cfg, k, v)
+            keys = tuple(k for k in ablations if k in CONFIG_FIELDS or k in spec.settings)
+            variants = [(cfg, ())] if not keys else []
+            if keys:
+                combos: list[dict[str, Any]] = [{}]
+                for k in keys:
+                    combos = [{**c, k: v} for c in combos for v in ablations[k]]
+                for c in combos:
+                    v_cfg = cfg
+                    for k, v in c.items():
+                        v_cfg = with_setting(v_cfg, k, v)
+                    variants.append((v_cfg, keys))
+            for v_cfg, k in variants:
+                out += [GridRun(dataclasses.replace(v_cfg, seed=s), k) for s in seeds]
+    names = [r.name for r in out]
+    if len(set(names)) != len(names):
+        raise ValueError("the grid has duplicate runs (repeated data set, method or value)")
+    return out
+
+
+def run_grid(
+    runs: Sequence[GridRun],
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    loader: Callable[[RunConfig], Any] | None = None,
+) -> list[tuple[GridRun, RunResult]]:
+    """Run every cell of ``runs`` into ``out/runs/<name>``; never stops on a failing run.
+
+    Args:
+        runs: the grid (see :func:`expand_grid`).
+        out: output folder (created).
+        resume: continue interrupted runs and skip finished ones; without it, an output
+            folder that already holds runs is an error.
+        progress: tqdm bars per run.
+        log: where one line per finished run goes.
+        loader: ``loader(cfg) -> ImageDataset`` (default ``dsbp.data.load_dataset``); each
+            (data set, root) is loaded once.
+
+    Returns:
+        ``(grid run, result)`` pairs in grid order.
+
+    Raises:
+        FileExistsError: ``out/runs`` holds runs and ``resume`` is False.
+    """
+    out = Path(out)
+    runs_dir = out / "runs"
+    if not resume and runs_dir.exists() and any(runs_dir.iterdir()):
+        raise FileExistsError(f"{runs_dir} already holds runs; pass --resume to continue them "
+                              "or choose another --out")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    if loader is None:
+        from dsbp.data import load_dataset
+
+        def loader(cfg: RunConfig) -> Any:
+            return load_dataset(cfg.dataset, root=cfg.data_root)
+
+    cache: dict[tuple[str, str | None], Any] = {}
+    results = []
+    for i, gr in enumerate(runs):
+        rdir = runs_dir / gr.name
+        desc = f"[{i + 1}/{len(runs)}] {gr.name}"
+        try:
+            key = (gr.cfg.dataset, gr.cfg.data_root)
+            if key not in cache:
+                cache[key] = loader(gr.cfg)
+            res = run(gr.cfg, rdir, resume=resume, progress=progress, dataset=cache[key],
+                      desc=desc)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # a failing run is recorded; the grid goes on
+            res = write_error(rdir, gr.cfg, err, traceback.format_exc())
+        results.append((gr, res))
+        extra = f" ({res.message})" if res.status != "ok" else ""
+        log(f"{desc}: {res.status} test_acc={res.test_acc:.4f} test_loss={res.test_loss:.4f} "
+            f"wall_s={res.wall_s:.1f}{extra}")
+    return results
+
+
+# ------------------------------------------------------------------ tables from run folders
+def collect_rows(out: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per run directory under ``out/runs`` (from ``config.json`` + ``result.json``),
+    and the names of the settings that vary between runs of the same data set and method
+    (the ablated settings).
+
+    Runs without ``result.json`` (still running or killed) get status ``incomplete``.
+    """
+    rows, cfgs = [], []
+    for rdir in sorted((Path(out) / "runs").iterdir()):
+        if not (rdir / "config.json").exists():
+            continue
+        cfg = RunConfig.from_json((rdir / "config.json").read_text())
+        res = read_result(rdir)
+        if res is None:
+            res = RunResult("incomplete", math.nan, math.nan, math.nan, 0, 0, "no result.json")
+        rows.append({
+            "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method, "seed": cfg.seed,
+            "epochs": cfg.epochs, "test_acc": res.test_acc, "test_loss": res.test_loss,
+            "wall_s": res.wall_s, "device": res.device_name or cfg.device, "status": res.status,
+            "epochs_done": res.epochs_done, "steps": res.steps, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "subset": cfg.subset, "run": rdir.name, "message": res.message,
+        })
+        cfgs.append(cfg)
+    varying = _varying_settings(cfgs)
+    for row, cfg in zip(rows, cfgs, strict=True):
+        row.update({k: setting_value(cfg, k) for k in varying})
+    return rows, varying
+
+
+def _varying_settings(cfgs: Sequence[RunConfig]) -> list[str]:
+    """Settings (config fields other than dataset/method/seed, or method kwargs) that differ
+    between runs sharing a data set and method."""
+    groups: dict[tuple[str, str], list[RunConfig]] = {}
+    for c in cfgs:
+        groups.setdefault((c.dataset, c.method), []).append(c)
+    varying: list[str] = []
+    skip = {"dataset", "method", "seed", "method_kwargs", "model_kwargs", "track"}
+    for group in groups.values():
+        keys = [f for f in sorted(CONFIG_FIELDS) if f not in skip]
+        keys += sorted({k for c in group for k in c.method_kwargs})
+        for k in keys:
+            values = {json.dumps(setting_value(c, k), sort_keys=True) for c in group}
+            if len(values) > 1 and k not in varying:
+                varying.append(k)
+    return varying
+
+
+def write_results_csv(
+    path: str | Path, rows: Iterable[dict[str, Any]], extra: Sequence[str]
+) -> None:
+    """Atomically write ``rows`` with :data:`RESULT_COLUMNS` then ``extra`` columns."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*RESULT_COLUMNS, *extra], extrasaction="ignore",
+                       lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in w.fieldnames})
+    atomic.write_text(path, buf.getvalue())
+
+
+def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """(Re)make ``results.csv``, ``report.md`` and the plots of ``out`` from its run folders.
+
+    Args:
+        out: a sweep's output folder.
+        meta: overrides of ``out/bench.json`` (command, preset, label...).
+
+    Returns:
+        ``{"csv": ..., "report": ..., "plots": [...]}`` paths.
+    """
+    from dsbp.experiments.report import write_report
+    from dsbp.plots.curves import plot_accuracy_vs_wallclock, plot_learning_curves
+
+    out = Path(out)
+    info = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else {}
+    info.update(meta or {})
+    rows, varying = collect_rows(out)
+    write_results_csv(out / "results.csv", rows, varying)
+    run_dirs = sorted(p for p in (out / "runs").iterdir() if (p / "config.json").exists())
+    plots = [plot_learning_curves(run_dirs, out / "learning_curves.png"),
+             plot_accuracy_vs_wallclock(run_dirs, out / "acc_vs_wallclock.png")]
+    report = write_report(out / "report.md", rows, varying, info,
+                          plots=[p.name for p in plots if p is not None])
+    return {"csv": out / "results.csv", "report": report, "plots": [p for p in plots if p]}
+
+
+def bench(
+    runs: Sequence[GridRun],
+    out: str | Path,
+    *,
+    meta: Mapping[str, Any],
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the grid and write the sweep's tables, report and plots (see the module docstring).
+
+    Args:
+        runs: the grid.
+        out: output folder.
+        meta: what the report shows about how the sweep was made (``command``, ``preset``,
+            ``label``); saved to ``bench.json`` with the environment.
+        resume, progress, log: as for :func:`run_grid`.
+
+    Returns:
+        ``{"results": [(GridRun, RunResult)...], "csv", "report", "plots"}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = runs[0].cfg.device if runs else "cpu"
+    from dsbp.experiments.build import resolve_device
+
+    info = {**dict(meta), "env": environment(resolve_device(device)),
+            "seeds": sorted({r.cfg.seed for r in runs}), "runs": [r.name for r in runs]}
+    # Do not clobber the record of an earlier sweep when resuming it.
+    if not (resume and (out / "bench.json").exists()):
+        atomic.write_json(out / "bench.json", info)
+    results = run_grid(runs, out, resume=resume, progress=progress, log=log)
+    made = finish(out)
+    return {"results": results, **made}
