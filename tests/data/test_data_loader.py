@@ -126,6 +126,24 @@ def test_flip_is_exact_mirror_and_crop_window() -> None:
     assert torch.equal(out[0], p[0, :, 0:8, 4:12])
     assert torch.equal(out[1], x[1])  # offset (pad, pad) is the original image
     assert torch.equal(out[2], p[2, :, 4:12, 0:8])
+    m = torch.tensor([True, False, True])
+    both = aug.crop(p, torch.tensor([[0, 4], [2, 2], [4, 0]]), (8, 8), flip=m)
+    assert torch.equal(both, aug.flip(out, m))
+    assert torch.equal(both[0], p[0, :, 0:8, 4:12].flip(-1))
+    with pytest.raises(ValueError, match="offsets must lie"):
+        aug.crop(p, torch.tensor([[0, 5], [2, 2], [4, 0]]), (8, 8))
+
+
+def test_flip_only_without_crop() -> None:
+    x = images(n=40)
+    ld = make(x, batch_size=40, pad=0)
+    (xb, yb), = epoch(ld, 0)
+    got = torch.round(xb * 255)
+    _, flips, _ = ld.epoch_draws(0)
+    for k in range(40):
+        src = x[yb[k]].float()
+        assert torch.equal(got[k], src.flip(-1) if flips[k] else src)
+    assert 0 < int(flips.sum()) < 40
 
 
 def test_no_augment_normalises_exactly() -> None:

@@ -165,8 +165,8 @@ class DeviceLoader:
             idx = order[sl]
             x = self._x[idx]
             if self.pad:
-                x = aug.crop(x, offsets[sl], self.image_size)
-            if self.flip:
+                x = aug.crop(x, offsets[sl], self.image_size, flips[sl] if self.flip else None)
+            elif self.flip:
                 x = aug.flip(x, flips[sl])
             x = (x.float() * self._scale + self._shift).to(self.dtype)
             if self.channels_last:
