@@ -93,7 +93,7 @@ def test_interp_weights_both_parts_and_one_one_is_sgd():
 def test_refresh_cadence_and_state_dict_round_trip():
     A, c, w0 = _problem()
     model = Quadratic(A, c, w0)
-    opt = SubspaceSGD(model, _identity_loss, "dom", k=K, refresh=3, lr=0.05, momentum=0.9)
+    opt = SubspaceSGD(model, _identity_loss, "dom", k=K, interval=3, lr=0.05, momentum=0.9)
     refreshes = []
     original = opt.refresh_basis
     opt.refresh_basis = lambda batches: refreshes.append(opt._step) or original(batches)
@@ -105,16 +105,18 @@ def test_refresh_cadence_and_state_dict_round_trip():
 
     with pytest.raises(ValueError, match="batch"):
         opt.step(closure)  # step 0 needs a Hessian batch
+    drawn = []
+    opt.hvp_batches = lambda: drawn.append(1) or BATCH  # a loader-like source, drawn per refresh
     for _ in range(4):
-        opt.step(closure, batch=BATCH)
-    assert refreshes == [0, 3]
+        opt.step(closure)
+    assert refreshes == [0, 3] and len(drawn) == 2
 
     sd_buf = io.BytesIO()
     torch.save(opt.state_dict(), sd_buf)
     sd_buf.seek(0)
     sd = torch.load(sd_buf, weights_only=True)
     twin = copy.deepcopy(model)
-    opt2 = SubspaceSGD(twin, _identity_loss, "dom", k=K, refresh=3, lr=0.05, momentum=0.9)
+    opt2 = SubspaceSGD(twin, _identity_loss, "dom", k=K, interval=3, lr=0.05, momentum=0.9)
     opt2.load_state_dict(sd)
 
     def twin_closure():
@@ -135,8 +137,8 @@ def test_bad_arguments():
         SubspaceSGD(model, _identity_loss, mode="top")
     with pytest.raises(ValueError, match="k must"):
         SubspaceSGD(model, _identity_loss, k=DIM + 1)
-    with pytest.raises(ValueError, match="refresh"):
-        SubspaceSGD(model, _identity_loss, k=2, refresh=0)
+    with pytest.raises(ValueError, match="interval"):
+        SubspaceSGD(model, _identity_loss, k=2, interval=0)
 
 
 def test_dom_on_a_tiny_net_matches_exact_hessian_eigenvectors():

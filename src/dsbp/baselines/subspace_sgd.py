@@ -12,9 +12,9 @@ top-k Hessian eigenvectors over all selected parameters, flattened), the update 
 
 ``V`` comes from Lanczos (:func:`dsbp.core.lanczos.lanczos`, full reorthogonalisation) on
 Hessian-vector products (:func:`dsbp.diagnostics.hvp.make_hvp`; model in eval mode, so
-BatchNorm uses its running statistics) of the loss on a batch, recomputed every ``refresh``
+BatchNorm uses its running statistics) of the loss on a batch, recomputed every ``interval``
 steps and kept in between [ours: the cadence; the paper recomputes it every step, which
-``refresh=1`` gives]. The projected gradient then feeds a base optimizer (SGD by default), so
+``interval=1`` gives]. The projected gradient then feeds a base optimizer (SGD by default), so
 momentum and weight decay act after the projection [ours: the weight-decay term is not
 projected].
 """
@@ -45,12 +45,13 @@ class SubspaceSGD(torch.optim.Optimizer):
         k: dimension of the dominant subspace (top-k eigenvectors). Default 10.
         a: weight of the dominant component (used by ``"dom"`` and ``"interp"``). Default 1.
         b: weight of the bulk component (used by ``"bulk"`` and ``"interp"``). Default 1.
-        refresh: recompute the eigenvectors every ``refresh`` steps (first at step 0).
-            Default 10 [ours].
+        interval: recompute the eigenvectors every ``interval`` steps (first at step 0); the
+            name DSBP uses for its refresh period p. Default 10 [ours].
         lr: learning rate of the base optimizer. Default 0.01.
-        hvp_batches: default ``(x, y)`` batch (or list of batches) for the Hessian; ``step``'s
-            ``batch`` argument overrides it. Default None (then ``step`` must get one on refresh
-            steps).
+        hvp_batches: where the Hessian's data comes from when ``step`` gets no ``batch``: an
+            ``(x, y)`` batch or a list of them (a fixed Hessian set), or a callable ``() ->
+            batch(es)`` called on every refresh (e.g. drawing a fresh mini-batch from a loader).
+            Default None (then ``step`` must get ``batch`` on refresh steps).
         lanczos_iters: Krylov dimension m (default ``min(dim, 2k + 20)``).
         lanczos_dtype: dtype of the Krylov basis and of the stored eigenvectors. Default
             float64; the basis takes ``dim * m * 8`` bytes (about 3.6 GB for a full-width
@@ -66,7 +67,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         dom_fraction: ``||P g|| / ||g||`` at the last step (float), or None.
 
     Raises:
-        ValueError: unknown mode, ``k`` outside ``[1, dim]``, ``refresh < 1`` or negative a/b.
+        ValueError: unknown mode, ``k`` outside ``[1, dim]``, ``interval < 1`` or negative a/b.
     """
 
     def __init__(
@@ -77,10 +78,10 @@ class SubspaceSGD(torch.optim.Optimizer):
         k: int = 10,
         a: float = 1.0,
         b: float = 1.0,
-        refresh: int = 10,
+        interval: int = 10,
         lr: float = 0.01,
         *,
-        hvp_batches: Batch | Iterable[Batch] | None = None,
+        hvp_batches: Batch | Iterable[Batch] | Callable[[], Any] | None = None,
         lanczos_iters: int | None = None,
         lanczos_dtype: torch.dtype = torch.float64,
         params: Any = None,
@@ -92,8 +93,8 @@ class SubspaceSGD(torch.optim.Optimizer):
             raise ValueError(f"SubspaceSGD: mode must be one of {_MODES}, got {mode!r}")
         if not (a >= 0 and b >= 0):
             raise ValueError(f"SubspaceSGD: a and b must be >= 0, got a={a}, b={b}")
-        if int(refresh) != refresh or refresh < 1:
-            raise ValueError(f"SubspaceSGD: refresh must be an integer >= 1, got {refresh!r}")
+        if int(interval) != interval or interval < 1:
+            raise ValueError(f"SubspaceSGD: interval must be an integer >= 1, got {interval!r}")
         named = named_selected_params(model, params)
         self._names = [n for n, _ in named]
         plist = [p for _, p in named]
@@ -106,7 +107,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, lr=lr, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.model, self.loss_fn = model, loss_fn
-        self.mode, self.k, self.refresh = mode, int(k), int(refresh)
+        self.mode, self.k, self.interval = mode, int(k), int(interval)
         self.a, self.b = float(coef[0]), float(coef[1])
         self.hvp_batches = hvp_batches
         self.lanczos_iters = lanczos_iters
@@ -184,14 +185,14 @@ class SubspaceSGD(torch.optim.Optimizer):
             self.zero_grad()
             with torch.enable_grad():
                 loss = closure()
-        if self._step % self.refresh == 0 or self.basis is None:
+        if self._step % self.interval == 0 or self.basis is None:
             batches = batch if batch is not None else self.hvp_batches
             if batches is None:
                 raise ValueError(
                     f"SubspaceSGD: step {self._step} refreshes the Hessian basis; pass "
                     "step(batch=(x, y)) or hvp_batches=..."
                 )
-            self.refresh_basis(batches)
+            self.refresh_basis(batches() if callable(batches) else batches)
         self.project_()
         self.base_optimizer.step()
         self._step += 1
