@@ -184,6 +184,20 @@ def test_sam_with_grad_scaler_matches_unscaled_and_skips_on_inf():
         assert torch.equal(pc, p0)  # overflow: no ascent, no step
     assert scaler_c.get_scale() < 2.0**12
 
+    # The closure form with scaler=... runs the same sequence.
+    d = copy.deepcopy(c0)
+    scaler_d = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+
+    def scaled_closure():
+        loss = nn.functional.cross_entropy(d(x), y)
+        scaler_d.scale(loss).backward()
+        return loss
+
+    SAM(d.parameters(), rho=0.1, lr=0.5).step(scaled_closure, scaler=scaler_d)
+    scaler_d.update()
+    for pa, pd in zip(a.parameters(), d.parameters(), strict=True):
+        torch.testing.assert_close(pa, pd, rtol=1e-6, atol=1e-7)
+
 
 def test_sam_rejects_bad_arguments():
     p = [nn.Parameter(torch.zeros(2))]

@@ -20,7 +20,8 @@ perturbed weights.
 
 Mixed precision. Under ``torch.autocast`` nothing changes: parameters and gradients stay fp32
 and the ascent norm is taken in fp32. With a ``GradScaler`` the closure form cannot be used
-(the scaler refuses closures); call the two halves yourself::
+(the scaler refuses closures): call ``opt.step(closure, scaler=scaler)`` then
+``scaler.update()``, which runs this sequence, or call the two halves yourself::
 
     opt.zero_grad()
     with torch.autocast(device_type, dtype):
@@ -153,12 +154,19 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], torch.Tensor] | None = None, scaler: Any = None
+    ) -> torch.Tensor:
         """One full SAM update.
 
         Args:
             closure: computes the loss on the current batch and calls ``backward()`` on it;
                 called twice (at ``w``, then at ``w + e``). Gradients are zeroed before each call.
+            scaler: the ``torch.amp.GradScaler`` whose scale the closure applies
+                (``scaler.scale(loss).backward()``), or None. SAM then runs the sequence of the
+                module docstring: unscale before the ascent norm, no ascent and no step on
+                inf/nan, base step through ``scaler.step``. The caller still calls
+                ``scaler.update()`` afterwards.
 
         Returns:
             The loss of the first pass (at ``w``), as returned by the closure.
@@ -168,6 +176,8 @@ class SAM(torch.optim.Optimizer):
         self.zero_grad()
         with torch.enable_grad():
             loss = closure()
+        if scaler is not None:
+            scaler.unscale_(self)
         if self.first_step(zero_grad=True):
             try:
                 with torch.enable_grad():
@@ -175,7 +185,7 @@ class SAM(torch.optim.Optimizer):
             except BaseException:
                 self._undo_ascent()  # leave w and BatchNorm as they were before the step
                 raise
-            self.second_step()
+            self.second_step(scaler=scaler)
         return loss
 
     @torch.no_grad()
