@@ -151,3 +151,17 @@ def test_pruning_a_cnn_with_batchnorm_and_flatten():
     assert count_params(new) < count_params(model)
     assert new.features[4].in_channels == len(info["features.0"]["kept"])
     assert new.head[1].in_features == 16 * len(info["features.4"]["kept"])
+
+
+def test_centred_spectrum_is_the_covariance_of_centred_outputs():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5).double()
+    g = torch.Generator().manual_seed(6)
+    xs = [torch.randn(40, 6, generator=g, dtype=torch.float64) + 3.0 for _ in range(2)]
+    with torch.no_grad():
+        A = torch.cat([lin(x) for x in xs])
+    for center, M in ((False, A), (True, A - A.mean(0))):
+        s = output_spectra(lin, xs, center=center)[""]
+        ref = torch.linalg.eigvalsh(M.T @ M).flip(0)
+        # rows come through the fp32 adapter, hence the fp32 tolerance
+        assert torch.allclose(s.eigenvalues, ref, rtol=1e-5, atol=1e-4), center

@@ -83,6 +83,7 @@ def output_spectra(
     layers: Iterable[str] | None = None,
     max_rows: int = 8192,
     seed: int = 0,
+    center: bool = False,
 ) -> dict[str, LayerSpectrum]:
     """Eigen-spectra of each layer's output covariance, summed over calibration batches.
 
@@ -96,12 +97,16 @@ def output_spectra(
         layers: names of the Linear / Conv2d layers (None: all).
         max_rows: row cap per batch and layer (subsampled with a seeded generator).
         seed: seeds the row subsampling.
+        center: subtract the mean output first, ``C = sum (a - mu)(a - mu)^T`` [ours: an
+            option; METHOD.md's ``A^T A`` is uncentred (the default), so a layer's mean output,
+            which a following BatchNorm removes, counts as energy there].
 
     Returns:
         ``{name: LayerSpectrum}``.
     """
     chosen = select_layers(model, layers)
     covs: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     gen = torch.Generator().manual_seed(seed)
 
@@ -110,6 +115,7 @@ def output_spectra(
             A = adapters.rows(module, inputs[0], output, "output", max_rows, gen).double()
             c = covariance(A)
             covs[name] = c if name not in covs else covs[name] + c
+            sums[name] = A.sum(0) + sums.get(name, 0.0)
             counts[name] = counts.get(name, 0) + A.shape[0]
 
         return hook
@@ -128,6 +134,8 @@ def output_spectra(
         raise ValueError("output_spectra got no calibration batch")
     out = {}
     for name, C in covs.items():
+        if center:
+            C = C - torch.outer(sums[name], sums[name]) / counts[name]
         evals, vecs = torch.linalg.eigh(0.5 * (C + C.T))
         out[name] = LayerSpectrum(evals.flip(0).clamp(min=0), vecs.flip(1), counts[name])
     return out
