@@ -392,3 +392,17 @@ def test_image_dataset_validates() -> None:
                        (dict(x_val=x), "both")):
         with pytest.raises(ValueError, match=match):
             ImageDataset(**{**ok, **bad})
+
+
+def test_truncated_npz_is_corrupt_with_instructions(isolated: Path) -> None:
+    rng = np.random.default_rng(6)
+    path = isolated / "fashion_mnist.npz"
+    np.savez_compressed(path, x_train=rng.integers(0, 256, (50, 28, 28, 1), dtype=np.uint8),
+                        y_train=np.zeros(50, np.int64), x_test=np.zeros((5, 28, 28, 1), np.uint8),
+                        y_test=np.zeros(5, np.int64))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DatasetCorruptError) as e:
+        load_dataset("fashion_mnist", root=isolated)
+    msg = str(e.value)
+    assert str(path) in msg and "download=True" in msg
+    assert str(isolated / "fashion_mnist" / "train-images-idx3-ubyte.gz") in msg  # tried before

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import lzma
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +25,7 @@ size variants ``medmnist:<flag>_64`` etc., is accepted too)."""
 
 # What a broken file raises while being read: all are turned into DatasetCorruptError.
 _READ_ERRORS = (ValueError, OSError, KeyError, EOFError, IndexError, zipfile.BadZipFile,
-                pickle.UnpicklingError)
+                pickle.UnpicklingError, lzma.LZMAError, zlib.error)
 
 
 def _spec(name: str) -> tuple[Callable[[Path], list[Candidate]], str,
@@ -45,7 +47,7 @@ def _spec(name: str) -> tuple[Callable[[Path], list[Candidate]], str,
 
 
 def _search(cands_of: Callable[[Path], list[Candidate]], roots: list[Path],
-            tried: list[str]) -> ImageDataset | None:
+            tried: list[str], how_to: str) -> ImageDataset | None:
     for root in roots:
         for c in cands_of(root):
             if not c.path.exists():
@@ -56,7 +58,9 @@ def _search(cands_of: Callable[[Path], list[Candidate]], roots: list[Path],
             except _READ_ERRORS as e:
                 raise DatasetCorruptError(
                     f"found {c.path} ({c.layout}) but could not read it: {e}\n"
-                    "Delete or replace the broken file, or point `root=`/$DSBP_DATA elsewhere."
+                    "Delete or replace the broken file, or point `root=`/$DSBP_DATA elsewhere. "
+                    f"{how_to}\nSearched before it:\n"
+                    + "".join(f"  - {t}\n" for t in tried)
                 ) from e
     return None
 
@@ -96,7 +100,7 @@ def load_dataset(
         return bundled.load()
     cands_of, how_to, downloader = _spec(name)
     tried: list[str] = []
-    ds = _search(cands_of, search_roots(root), tried)
+    ds = _search(cands_of, search_roots(root), tried, how_to)
     if ds is not None:
         return ds
     looked = "\n".join(f"  - {t}" for t in tried)
@@ -112,7 +116,7 @@ def load_dataset(
                 f"{name!r} not found and download=True needs a package that is missing ({e}); "
                 f"install it with `pip install 'dsbp[download]'`. Looked in:\n{looked}\n{how_to}"
             ) from e
-        ds = _search(cands_of, [target], [])
+        ds = _search(cands_of, [target], [], how_to)
         if ds is None:
             raise DatasetNotFoundError(f"downloaded {name!r} into {target} but found no "
                                        f"readable copy there afterwards.\n{how_to}")
