@@ -74,6 +74,22 @@ def test_lora_on_vit_blocks():
     torch.testing.assert_close(peft_model(x), base(x), rtol=0, atol=0)
 
 
+def test_lora_target_names_exclude_whole_submodules():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    )
+    assert lora_target_names(net) == ["0", "2.0", "2.2"]
+    assert lora_target_names(net, exclude=["2"]) == ["0"]
+    base = copy.deepcopy(net)
+    peft_model, n_train = apply_lora(net, 2, modules_to_save=["2"])
+    assert n_train == 2 * (1 * 9 + 4) + (4 * 5 + 5) + (5 * 2 + 2)  # conv adapter + whole head
+    x = torch.randn(3, 1, 3, 3)
+    torch.testing.assert_close(peft_model(x), base(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not modules"):
+        lora_target_names(base, exclude=["head"])
+
+
 def test_lora_rejects_bad_input():
     with pytest.raises(ValueError, match="rank"):
         apply_lora(_mlp(), 0)

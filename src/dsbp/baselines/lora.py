@@ -30,17 +30,24 @@ def lora_target_names(model: nn.Module, exclude: Sequence[str] = ()) -> list[str
 
     Args:
         model: the network.
-        exclude: names to leave out (e.g. the classifier ``"fc"`` or ``"head"``, trained in
-            full through ``modules_to_save``).
+        exclude: module names to leave out, with everything inside them (e.g. the classifier
+            ``"fc"`` or ``"head"``, trained in full through ``modules_to_save``).
 
     Returns:
         List of module names, usable as ``target_modules`` of :func:`apply_lora`.
+
+    Raises:
+        ValueError: if an ``exclude`` name is not a module of ``model``.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, _ADAPTABLE)]
-    missing = set(exclude) - set(names)
+    all_names = {n for n, _ in model.named_modules()}
+    missing = set(exclude) - all_names
     if missing:
-        raise ValueError(f"exclude names not among the Linear/Conv2d layers: {sorted(missing)}")
-    return [n for n in names if n not in set(exclude)]
+        raise ValueError(f"exclude names are not modules of the model: {sorted(missing)}")
+
+    def excluded(name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in exclude)
+
+    return [n for n, m in model.named_modules() if isinstance(m, _ADAPTABLE) and not excluded(n)]
 
 
 def lora_param_count(model: nn.Module, rank: int, target_modules: Sequence[str]) -> int:
