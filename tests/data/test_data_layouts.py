@@ -406,3 +406,17 @@ def test_truncated_npz_is_corrupt_with_instructions(isolated: Path) -> None:
     msg = str(e.value)
     assert str(path) in msg and "download=True" in msg
     assert str(isolated / "fashion_mnist" / "train-images-idx3-ubyte.gz") in msg  # tried before
+
+
+def test_threaded_decode_matches_serial() -> None:
+    from dsbp.data.jpeg import decode_concatenated
+
+    rng = np.random.default_rng(7)
+    blobs = [jpeg_bytes(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)) for _ in range(23)]
+    buf = np.frombuffer(b"".join(blobs), np.uint8)
+    off = np.cumsum([0] + [len(b) for b in blobs])
+    ref = np.stack([pillow_rgb(b) for b in blobs])
+    assert np.array_equal(decode_concatenated(buf, off, workers=1), ref)
+    assert np.array_equal(decode_concatenated(buf, off, workers=3), ref)
+    with pytest.raises(ValueError, match="offsets must run"):
+        decode_concatenated(buf, off[:-1])
