@@ -76,6 +76,8 @@ def _add_bench(sub: Any) -> None:
                    help="continue interrupted runs in OUT and skip finished ones")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes per run (only 1 is supported by this command)")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op CPU threads (default: torch's; recorded in env.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 
@@ -122,6 +124,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.nproc != 1:
         raise ValueError(f"--nproc {args.nproc}: multi-process runs are not supported by "
                          "`dsbp bench` yet; use --nproc 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     runs, preset = _grid_from_args(args)
     out = args.out or f"runs/{preset or 'bench'}"
     print(f"dsbp bench: {len(runs)} runs -> {out}")

@@ -6,6 +6,7 @@ import csv
 import math
 
 import pytest
+import torch
 from PIL import Image
 
 from dsbp.cli import main
@@ -18,11 +19,16 @@ REQUIRED = ("dataset", "model", "method", "seed", "epochs", "test_acc", "test_lo
 @pytest.mark.slow
 def test_bench_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", "--datasets", "bundled", "--methods", "sgd,dsbp", "--epochs", "1",
-            "--seeds", "2", "--subset", "300", "--eval-subset", "200", "--batch-size", "50",
+    threads = torch.get_num_threads()
+    argv = ["bench", "--threads", "1", "--datasets", "bundled", "--methods", "sgd,dsbp",
+            "--epochs", "1", "--seeds", "2", "--subset", "300", "--eval-subset", "200",
+            "--batch-size", "50",
             "--ablate", "rank=2,4", "--set", "interval=3", "--set", 'model_kwargs={"width": 8}',
             "--track", "spectrum", "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert set(REQUIRED) <= set(rows[0]) and list(rows[0])[: len(RESULT_COLUMNS)] == list(
         RESULT_COLUMNS)
@@ -37,7 +43,7 @@ def test_bench_end_to_end(tmp_path, capsys):
         assert float(r["wall_s"]) > 0 and r["device"].startswith("cpu")
     report = (out / "report.md").read_text()
     assert "paper's claim" in report and "93.8" in report  # the claimed Fashion-MNIST row
-    assert "dsbp bench --datasets bundled" in report  # the regenerating command
+    assert "`dsbp bench --threads 1 --datasets bundled" in report  # the regenerating command
     for png in ("learning_curves.png", "acc_vs_wallclock.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG"
@@ -52,7 +58,10 @@ def test_bench_end_to_end(tmp_path, capsys):
         main(argv)
     assert "--resume" in capsys.readouterr().err
     before = (out / "results.csv").read_text()
-    assert main([*argv, "--resume"]) == 0
+    try:
+        assert main([*argv, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert (out / "results.csv").read_text() == before
 
 

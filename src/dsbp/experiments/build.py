@@ -105,7 +105,7 @@ class BuildContext:
 
     Attributes:
         loss_fn: ``loss_fn(logits, y) -> scalar`` (cross-entropy with the run's smoothing).
-        train: the training loader (e.g. for Hessian batches of Dom-/Bulk-SGD).
+        train: the training loader.
         device: the run's device.
         num_classes: number of classes of the data set.
     """
@@ -126,6 +126,8 @@ class Method:
         closure_step: ``True`` if the optimizer needs ``step(closure)`` (SAM: it runs the
             forward/backward passes itself and returns the first pass's loss); ``False`` for
             the plain ``loss.backward(); optimizer.step()``.
+        wants_batch: the plain step is ``optimizer.step(batch=(x, y))`` (Dom-/Bulk-SGD take
+            their Hessian on the current batch).
         extra_state: objects besides the optimizer with ``state_dict``/``load_state_dict``
             that a checkpoint must hold, by name.
         cleanup: called once when the run ends (e.g. removes hooks).
@@ -134,6 +136,7 @@ class Method:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     closure_step: bool = False
+    wants_batch: bool = False
     extra_state: Mapping[str, Any] = field(default_factory=dict)
     cleanup: Callable[[], None] | None = None
 
@@ -279,24 +282,35 @@ def _lora(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
 def _subspace_method(model: nn.Module, cfg: RunConfig, ctx: BuildContext, mode: str) -> Method:
     from dsbp.baselines.subspace_sgd import SubspaceSGD
 
-    # k ~ number of classes (METHOD.md §5) unless given.
-    k = int(_kw(cfg, "k", ctx.num_classes))
-    extra = {key: cfg.method_kwargs[key] for key in ("interval", "lanczos_iters")
+    # k ~ number of classes (METHOD.md §5) unless given; the Hessian basis is recomputed on
+    # the current training batch every `interval` steps.
+    extra = {key: cfg.method_kwargs[key] for key in ("a", "b", "lanczos_iters")
              if key in cfg.method_kwargs}
-    opt = SubspaceSGD(model, ctx.loss_fn, mode=mode, k=k, **extra, **_sgd_kwargs(cfg))
-    return Method(model, opt)
+    opt = SubspaceSGD(model, ctx.loss_fn, mode=mode, k=int(_kw(cfg, "k", ctx.num_classes)),
+                      interval=int(_kw(cfg, "interval", 10)), seed=cfg.seed, **extra,
+                      **_sgd_kwargs(cfg))
+    return Method(model, opt, wants_batch=True)
 
 
-@register_method("dom_sgd", settings=("k", "interval", "lanczos_iters"),
+_SUBSPACE_SETTINGS = ("k", "interval", "lanczos_iters")
+
+
+@register_method("dom_sgd", settings=_SUBSPACE_SETTINGS,
                  description="Dom-SGD: steps inside the top-k Hessian eigenspace")
 def _dom_sgd(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     return _subspace_method(model, cfg, ctx, "dom")
 
 
-@register_method("bulk_sgd", settings=("k", "interval", "lanczos_iters"),
+@register_method("bulk_sgd", settings=_SUBSPACE_SETTINGS,
                  description="Bulk-SGD: steps in the complement of the top-k Hessian eigenspace")
 def _bulk_sgd(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     return _subspace_method(model, cfg, ctx, "bulk")
+
+
+@register_method("interp_sgd", settings=(*_SUBSPACE_SETTINGS, "a", "b"),
+                 description="g <- a P_dom g + b (I - P_dom) g (METHOD.md §5); (1, 1) is SGD")
+def _interp_sgd(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
+    return _subspace_method(model, cfg, ctx, "interp")
 
 
 # ------------------------------------------------------------------------------- schedule

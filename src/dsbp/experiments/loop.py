@@ -215,13 +215,14 @@ def train(
                 else:
                     closure()
                     loss_value = float(first["loss"])
+                    batch_kw = {"batch": (x, y)} if method.wants_batch else {}
                     if math.isfinite(loss_value):  # never step on a non-finite gradient
                         if scaler is not None:
                             scaler.unscale_(optimizer)  # DSBP projects unscaled gradients
-                            scaler.step(optimizer)
+                            scaler.step(optimizer, **batch_kw)
                             scaler.update()
                         else:
-                            optimizer.step()
+                            optimizer.step(**batch_kw)
                 if not math.isfinite(loss_value):
                     raise Diverged(
                         f"training loss is {loss_value} at step {state.step + 1} "
