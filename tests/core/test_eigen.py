@@ -24,7 +24,7 @@ def test_block_power_iteration_recovers_known_spectrum():
 
 
 def test_power_iteration_converges_geometrically_with_gap():
-    # the error after i iterations shrinks like (lambda_{b+1}/lambda_k)^i: more iterations, smaller angle
+    # the error after i iterations shrinks like (lambda_{b+1}/lambda_k)^i
     d, k = 30, 3
     evals = torch.tensor([9.0, 6.0, 4.0] + [2.0] * (d - 3))
     C, Q = _known_spectrum(d, evals, seed=3)

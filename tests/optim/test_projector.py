@@ -101,7 +101,8 @@ def test_default_fp32_bases_are_close_to_eigh_on_real_activations(convnet, fmnis
 def test_project_rewrites_grad_as_EEtG_plus_sharpness(convnet, fmnist_batch, side):
     x, y = fmnist_batch
     beta = 0.3
-    proj = SpectralProjector(convnet, rank=3, interval=10, side=side, sharpness=beta, max_rows=10**6)
+    proj = SpectralProjector(convnet, rank=3, interval=10, side=side, sharpness=beta,
+                             max_rows=10**6)
     ref = explicit_rows(convnet, x, side)
     G0 = one_step(convnet, proj, x, y)
     for name, m in convnet.named_modules():

@@ -28,6 +28,7 @@ class LayerState:
         last_refresh: step of the last eigensolve (-1: never).
         rows: activation rows captured for the pending refresh (transient, never saved).
         captures: forward passes captured for the pending refresh (seeds row subsampling).
+        k_active: rank chosen by the energy rule at the last refresh (None: use ``rank``).
     """
 
     name: str
@@ -44,12 +45,14 @@ class LayerState:
     last_refresh: int = -1
     rows: list[torch.Tensor] = field(default_factory=list)
     captures: int = 0
+    k_active: int | None = None
 
     @property
     def k(self) -> int:
         """Effective rank: ``rank`` clipped to the block width."""
         assert self.block is not None
-        return min(self.rank, self.block.shape[1])
+        k = self.rank if self.k_active is None else min(self.k_active, self.rank)
+        return min(k, self.block.shape[1])
 
     def due(self, step: int) -> bool:
         """Whether a refresh is due at ``step`` (first step, then every ``interval`` steps)."""
@@ -65,6 +68,7 @@ class LayerState:
             "rank": self.rank,
             "interval": self.interval,
             "sharpness": self.sharpness,
+            "k_active": -1 if self.k_active is None else self.k_active,
         }
 
     def load_dict(self, d: dict) -> None:
@@ -78,4 +82,6 @@ class LayerState:
         self.last_refresh = int(d["last_refresh"])
         self.rank, self.interval = int(d["rank"]), int(d["interval"])
         self.sharpness = float(d["sharpness"])
+        ka = int(d.get("k_active", -1))
+        self.k_active = None if ka < 0 else ka
         self.rows, self.captures = [], 0

@@ -101,7 +101,8 @@ class DSBP(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         # Optimizer.__init__ calls this before the base exists; afterwards the base owns groups.
-        if hasattr(self, "base_optimizer") and self.param_groups is self.base_optimizer.param_groups:
+        base = getattr(self, "base_optimizer", None)
+        if base is not None and self.param_groups is base.param_groups:
             self.base_optimizer.add_param_group(param_group)
         else:
             super().add_param_group(param_group)

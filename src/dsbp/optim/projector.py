@@ -43,7 +43,8 @@ def _check_sharpness(value) -> float:
 
 
 class SpectralProjector:
-    """Projects each layer's weight gradient onto the top-k eigenvectors of its activation covariance.
+    """Projects each layer's weight gradient onto the top-k eigenvectors of its activation
+    covariance.
 
     Args:
         model: the network; hooks go on its ``nn.Linear`` and ``nn.Conv2d`` layers.
@@ -53,7 +54,8 @@ class SpectralProjector:
         side: ``"output"`` (the paper's shapes: covariance of the layer's outputs, ``E E^T G``)
             or ``"input"`` (covariance of its inputs / im2col patches, ``G E E^T``).
         sharpness: beta, the weight of the sharpness term
-            ``beta * (lambda_1 / trace C) * e1 e1^T W`` [ours: normalised eigenvalue], 0 disables it.
+            ``beta * (lambda_1 / trace C) * e1 e1^T W`` [ours: normalised eigenvalue];
+            0 disables it.
         max_rows: at most this many activation rows per layer enter a refresh (subsampled
             without replacement by a private, seeded RNG).
         layers: module names to act on; ``None`` means every Linear / Conv2d.
@@ -67,6 +69,20 @@ class SpectralProjector:
         eig_dtype: precision of the covariance products and eigensolves (METHOD.md: fp32).
             ``torch.float64`` resolves nearly degenerate spectra at a higher refresh cost.
         overrides: per-layer ``{name: {"rank": .., "interval": .., "sharpness": ..}}``.
+        residual: alpha in [0, 1], the weight of the complement: ``G~ = P G + alpha (G - P G)``.
+            0 is the paper's DSBP; 1 is the plain gradient (plus the sharpness term). [ours:
+            a damped step outside the subspace, as Fira and Bulk-SGD suggest]
+        rescale: rescale the projected part to the gradient's Frobenius norm,
+            ``P G * ||G|| / ||P G||`` (at most ``max_rescale`` times), so the projection changes
+            the direction of the step but not its length. [ours]
+        max_rescale: cap on that factor (guards layers whose gradient is nearly orthogonal to
+            the subspace).
+        warmup: steps at the start with unprojected gradients (bases still refresh on schedule,
+            so they are warm when projection starts). [ours]
+        energy: adaptive rank: at each refresh a layer keeps the smallest r <= rank whose top-r
+            eigenvalues hold this fraction of ``trace(C)`` (None: always ``rank``). [ours]
+        exclude: module names to leave out (e.g. the stem and the classifier).
+        skip_first_last: leave out the first and the last supported layer (in module order).
 
     Raises:
         ValueError: rank/interval/power_iters/max_rows not positive, an unknown side, a
@@ -90,6 +106,13 @@ class SpectralProjector:
         seed: int = 0,
         eig_dtype: torch.dtype = torch.float32,
         overrides: Mapping[str, Mapping] | None = None,
+        residual: float = 0.0,
+        rescale: bool = False,
+        max_rescale: float = 10.0,
+        warmup: int = 0,
+        energy: float | None = None,
+        exclude: Iterable[str] | None = None,
+        skip_first_last: bool = False,
     ) -> None:
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
@@ -106,10 +129,33 @@ class SpectralProjector:
         if eig_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"eig_dtype must be torch.float32 or torch.float64, got {eig_dtype}")
         self.eig_dtype = eig_dtype
+        if not 0.0 <= float(residual) <= 1.0:
+            raise ValueError(f"residual (alpha) must be in [0, 1], got {residual!r}")
+        if not float(max_rescale) >= 1.0:
+            raise ValueError(f"max_rescale must be >= 1, got {max_rescale!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
+        if energy is not None and not 0.0 < float(energy) <= 1.0:
+            raise ValueError(f"energy must be in (0, 1] or None, got {energy!r}")
+        self.residual, self.rescale, self.max_rescale = float(residual), bool(rescale), float(
+            max_rescale)
+        self.warmup = warmup
+        self.energy = None if energy is None else float(energy)
         self.step = 0
 
         self._layers: dict[str, LayerState] = {}
-        for i, (name, module) in enumerate(select_layers(model, layers)):
+        chosen = select_layers(model, layers)
+        excluded = set(exclude or ())
+        unknown = excluded - {n for n, _ in select_layers(model, None)}
+        if unknown:
+            raise ValueError(f"exclude names {sorted(unknown)}, which are not Linear/Conv2d "
+                             "layers of the model")
+        if skip_first_last:
+            excluded |= {chosen[0][0], chosen[-1][0]}
+        chosen = [(n, m) for n, m in chosen if n not in excluded]
+        if not chosen:
+            raise ValueError("every supported layer is excluded: DSBP has nothing to project")
+        for i, (name, module) in enumerate(chosen):
             adapters.check_module(module, side, name)
             self._layers[name] = LayerState(
                 name=name, module=module, index=i, side=side,
@@ -175,7 +221,8 @@ class SpectralProjector:
     def _state(self, key: nn.Module | str) -> LayerState:
         if isinstance(key, str):
             if key not in self._layers:
-                raise KeyError(f"{key!r} is not one of the projector's layers: {list(self._layers)}")
+                raise KeyError(f"{key!r} is not one of the projector's layers: "
+                               f"{list(self._layers)}")
             return self._layers[key]
         st = self._by_module.get(id(key))
         if st is None:
@@ -246,6 +293,10 @@ class SpectralProjector:
             b = min(d, min(st.rank, d) + self.oversample)
             evals, V = self._eigensolve(st, A, b)
         st.block, st.eigenvalues, st.trace = V, evals, tr
+        if self.energy is not None:
+            frac = torch.cumsum(evals.clamp(min=0), 0) / tr
+            r = int(torch.searchsorted(frac, frac.new_tensor(self.energy - 1e-12)).item()) + 1
+            st.k_active = max(1, min(r, st.rank, V.shape[1]))
         st.refreshes += 1
         st.last_refresh = self.step
 
@@ -265,6 +316,9 @@ class SpectralProjector:
         """
         if not getattr(self, "_batched", True):
             self._project_loop()
+            return
+        if self.step < self.warmup:
+            self._refresh_only()
             return
         # Fast path [ours]: refresh what is due, then project layers whose gradients share a
         # shape in one batched product (torch.bmm over stacked grads; one kernel per group on a
@@ -304,8 +358,23 @@ class SpectralProjector:
             return True
         return g.numel() <= getattr(self, "_stack_max_numel", 2**16)
 
+    def _refresh_only(self) -> None:
+        """Warm-up step: refresh the bases that are due, leave every gradient as it is."""
+        for st in self._layers.values():
+            g = st.module.weight.grad
+            if g is not None and st.due(self.step):
+                self._refresh(st, g)
+        self.step += 1
+
     def _project_loop(self) -> None:
-        """The reference per-layer projection loop (the fast path's parity reference)."""
+        """The reference per-layer projection loop (the fast path's parity reference).
+
+        ``G <- alpha G + (1 - alpha) c E E^T G + beta lam_hat e1 e1^T W`` (output side), with
+        ``c = min(||G|| / ||E E^T G||, max_rescale)`` if ``rescale`` else 1.
+        """
+        if self.step < self.warmup:
+            self._refresh_only()
+            return
         for st in self._layers.values():
             g = st.module.weight.grad
             if g is None:  # no backward reached this layer: nothing to project, refresh stays due
@@ -316,7 +385,13 @@ class SpectralProjector:
                 continue
             G = adapters.as_matrix(g)
             E = st.block[:, : st.k]
-            new = project(G.to(E.dtype), E, st.side)
+            Gc = G.to(E.dtype)
+            new = project(Gc, E, st.side)
+            if self.rescale:
+                c = torch.linalg.matrix_norm(Gc) / torch.linalg.matrix_norm(new).clamp(min=1e-30)
+                new.mul_(c.clamp(max=self.max_rescale))
+            if self.residual != 0.0:
+                new.mul_(1.0 - self.residual).add_(Gc, alpha=self.residual)
             if st.sharpness != 0.0:
                 W = adapters.as_matrix(st.module.weight).to(E.dtype)
                 lam_hat = st.eigenvalues[0] / st.trace
@@ -337,6 +412,7 @@ class SpectralProjector:
         Gc = G.to(E.dtype)
         output = st.side == "output"
         M = E.T @ Gc if output else Gc @ E  # (k, d_in) or (d_out, k)
+        self._scale_thin_factor(M, Gc)
         if st.sharpness != 0.0:
             W = adapters.as_matrix(st.module.weight).to(E.dtype)
             s = st.eigenvalues[0] / st.trace * st.sharpness  # 0-d tensor: no host sync
@@ -344,14 +420,33 @@ class SpectralProjector:
                 M[0].add_(s * (E[:, 0] @ W))
             else:
                 M[:, 0].add_(s * (W @ E[:, 0]))
+        a = self.residual  # G <- a G + E M  (output side), G <- a G + M E^T (input side)
         if Gc.data_ptr() == g.data_ptr() and G.is_contiguous():
             # M no longer reads G, so the product can overwrite the gradient in place
-            if output:
-                torch.mm(E, M, out=G)
+            if a == 0.0:
+                torch.mm(E, M, out=G) if output else torch.mm(M, E.T, out=G)
             else:
-                torch.mm(M, E.T, out=G)
+                G.addmm_(E, M, beta=a) if output else G.addmm_(M, E.T, beta=a)
         else:
-            g.copy_((E @ M if output else M @ E.T).view_as(g))
+            new = E @ M if output else M @ E.T
+            if a != 0.0:
+                new.add_(Gc, alpha=a)
+            g.copy_(new.view_as(g))
+
+    def _scale_thin_factor(self, M: torch.Tensor, Gc: torch.Tensor) -> None:
+        """Fold ``(1 - alpha) * c`` into the thin factor ``M = E^T G`` (or ``G E``) in place.
+
+        ``||E E^T G|| = ||E^T G||`` for orthonormal E, so the rescale factor
+        ``c = ||G|| / ||P G||`` needs no d x d work and no host sync. M is (k, d_in), (d_out, k),
+        or a stack (B, ., .) with Gc stacked alike.
+        """
+        if self.rescale:
+            gn = torch.linalg.matrix_norm(Gc)
+            mn = torch.linalg.matrix_norm(M).clamp(min=1e-30)
+            c = (gn / mn).clamp(max=self.max_rescale)
+            M.mul_(c.unsqueeze(-1).unsqueeze(-1) if M.dim() == 3 else c)
+        if self.residual != 0.0:
+            M.mul_(1.0 - self.residual)
 
     def _stacked_basis(self, sts: list[LayerState]) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked bases (B, d, k) and sharpness scales (B,) of a group, rebuilt after refreshes."""
@@ -372,6 +467,7 @@ class SpectralProjector:
         Gs = torch.stack([adapters.as_matrix(g) for g in grads]).to(Es.dtype)  # (B, d_out, d_in)
         output = sts[0].side == "output"
         M = torch.bmm(Es.transpose(1, 2), Gs) if output else torch.bmm(Gs, Es)
+        self._scale_thin_factor(M, Gs)
         if any(st.sharpness != 0.0 for st in sts):
             Ws = torch.stack([adapters.as_matrix(st.module.weight) for st in sts]).to(Es.dtype)
             e1 = Es[:, :, :1]  # (B, d, 1)
@@ -380,7 +476,10 @@ class SpectralProjector:
             else:
                 M[:, :, :1].add_(s.view(-1, 1, 1) * torch.bmm(Ws, e1))
         new = torch.bmm(Es, M) if output else torch.bmm(M, Es.transpose(1, 2))
-        torch._foreach_copy_(grads, [n.view_as(g) for n, g in zip(new.unbind(0), grads, strict=True)])
+        if self.residual != 0.0:
+            new.add_(Gs, alpha=self.residual)
+        views = [n.view_as(g) for n, g in zip(new.unbind(0), grads, strict=True)]
+        torch._foreach_copy_(grads, views)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
