@@ -241,24 +241,29 @@ def _sam(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
 
 
 _DSBP_SETTINGS = ("rank", "interval", "power_iters", "sharpness", "max_rows")
+# SpectralProjector switches of issue 7 (keyword-only there, so they go in projector_kwargs).
+_DSBP_SWITCHES = ("residual", "rescale", "max_rescale", "warmup", "energy", "skip_first_last")
 
 
-def _dsbp_method(model: nn.Module, cfg: RunConfig, side: str) -> Method:
+def _dsbp_method(model: nn.Module, cfg: RunConfig, side: str,
+                 defaults: Mapping[str, Any] | None = None) -> Method:
     from dsbp import DSBP
 
-    kw = {k: cfg.method_kwargs[k] for k in _DSBP_SETTINGS if k in cfg.method_kwargs}
+    given = {**(defaults or {}), **cfg.method_kwargs}
+    kw = {k: given[k] for k in _DSBP_SETTINGS if k in given}
+    switches = {k: given[k] for k in _DSBP_SWITCHES if k in given}
     opt = DSBP(model, torch.optim.SGD, side=side,
-               projector_kwargs={"seed": cfg.seed}, **kw, **_sgd_kwargs(cfg))
+               projector_kwargs={"seed": cfg.seed, **switches}, **kw, **_sgd_kwargs(cfg))
     return Method(model, opt, cleanup=opt.projector.remove)
 
 
-@register_method("dsbp", settings=_DSBP_SETTINGS,
+@register_method("dsbp", settings=(*_DSBP_SETTINGS, *_DSBP_SWITCHES),
                  description="DSBP, output side (the paper's shapes), SGD base")
 def _dsbp(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     return _dsbp_method(model, cfg, side="output")
 
 
-@register_method("dsbp_input", settings=_DSBP_SETTINGS,
+@register_method("dsbp_input", settings=(*_DSBP_SETTINGS, *_DSBP_SWITCHES),
                  description="DSBP, input side (K-FAC 'A' covariance) [ours], SGD base")
 def _dsbp_input(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     return _dsbp_method(model, cfg, side="input")
