@@ -117,9 +117,11 @@ class LieSpectralProjector(SpectralProjector):
         rows, st.rows, st.captures = st.rows, [], 0
         if not rows:
             return
-        A = subsample_rows(torch.cat(rows).float(), self.max_rows, self._generator(st, 0))
+        A = subsample_rows(
+            torch.cat(rows).to(self.eig_dtype), self.max_rows, self._generator(st, 0)
+        )
         if not bool(torch.isfinite(A).all()):
-            self._warn(st, "nonfinite", "non-finite activations; tracking step skipped")
+            self._warn(st, "non-finite activations; tracking step skipped")
             return
         V = self._master.get(st.name)
         if V is None or V.shape != st.block.shape:
