@@ -61,6 +61,9 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--warmup", type=float, dest="warmup_frac", help="warm-up fraction of steps")
     p.add_argument("--subset", type=int, help="train on a class-balanced subset of N images")
     p.add_argument("--eval-subset", type=int, help="evaluate on a class-balanced subset")
+    p.add_argument("--val", type=int, dest="val_split", metavar="N",
+                   help="hold out a class-balanced validation split of N training images "
+                   "(logged as val_acc / val_loss; choose settings on it, not on test)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"))
@@ -97,6 +100,7 @@ def _grid_from_args(args: argparse.Namespace) -> tuple[list[Any], str | None]:
     flags = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "schedule": args.schedule, "warmup_frac": args.warmup_frac,
              "subset": args.subset, "eval_subset": args.eval_subset, "augment": args.augment,
+             "val_split": args.val_split,
              "device": args.device, "amp": args.amp, "data_root": args.data_root,
              "track": tuple(args.track) if args.track else None}
     for key, value in flags.items():
@@ -124,13 +128,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.nproc != 1:
         raise ValueError(f"--nproc {args.nproc}: multi-process runs are not supported by "
                          "`dsbp bench` yet; use --nproc 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     runs, preset = _grid_from_args(args)
+    from dsbp.experiments.config import get_preset
+
+    _set_threads(args.threads if args.threads is not None
+                 else get_preset(preset).threads if preset else None)
     out = args.out or f"runs/{preset or 'bench'}"
     print(f"dsbp bench: {len(runs)} runs -> {out}")
     made = bench(runs, out, meta={"command": args.command_line, "preset": preset,
@@ -139,6 +141,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _print_table(made["results"])
     print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))
     return 1 if any(res.status == "error" for _, res in made["results"]) else 0
+
+
+def _set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _print_table(results: Sequence[tuple[Any, Any]]) -> None:
@@ -163,6 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dsbp.experiments.sweep import GridRun, bench
 
     preset = get_preset("demo")
+    _set_threads(preset.threads)
     cfgs = preset.configs()
     if args.device:
         cfgs = [with_setting(c, "device", args.device) for c in cfgs]

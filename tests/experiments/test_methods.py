@@ -71,3 +71,26 @@ def test_subspace_methods_step_in_their_subspace(bundled, method):
         assert (inside - delta.double()).norm() <= 1e-4 * delta.norm()
     else:  # only the bulk moves
         assert inside.norm() <= 1e-4 * delta.norm()
+
+
+def test_trackers_record_into_eval_records(tmp_path, bundled):
+    from dsbp.experiments.atomic import read_jsonl
+    from dsbp.experiments.track import TRACKERS
+
+    assert {"spectrum", "hessian", "alignment"} <= set(TRACKERS)
+    cfg = _cfg("dsbp", epochs=2, track=("spectrum", "hessian", "alignment"))
+    assert run(cfg, tmp_path / "tracked", progress=False, dataset=bundled).status == "ok"
+    evals = [r for r in read_jsonl(tmp_path / "tracked" / "metrics.jsonl")
+             if r["kind"] == "eval"]
+    assert len(evals) == 2
+    for r in evals:
+        assert r["hessian/top_eigenvalue"] > 0  # a trained-from-init CE loss: curvature > 0
+        assert 0.0 <= r["alignment/energy_kept/mean"] <= 1.0 + 1e-9
+        assert 0.0 < r["spectrum/lam1_over_trace"] <= 1.0 + 1e-9  # lambda_1 <= trace(C)
+    # Drift needs a previous basis: present from the second evaluation on, in [0, 1].
+    assert 0.0 <= evals[1]["spectrum/drift"] <= 1.0 + 1e-9
+    # Tracking does not change training: same final weights as an untracked run.
+    run(cfg.replace(track=()), tmp_path / "plain", progress=False, dataset=bundled)
+    a = torch.load(tmp_path / "tracked" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

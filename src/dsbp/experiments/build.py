@@ -49,6 +49,9 @@ class RunData:
         in_channels, image_size, num_classes: the data set's shape (C, H = W, classes).
         n_train, n_test: examples per epoch in each loader.
         source: where the data came from (the data set's ``source`` string).
+        val: validation loader (fixed order, no augmentation) over the examples held out
+            from the training split by ``RunConfig.val_split``, or None.
+        n_val: examples in ``val`` (0 without one).
     """
 
     train: Any
@@ -59,6 +62,13 @@ class RunData:
     n_train: int
     n_test: int
     source: str
+    val: Any = None
+    n_val: int = 0
+
+
+# Seed of the validation hold-out: one fixed split for every run seed, so that choices made
+# on it compare runs on the same images (like ``eval_subset``'s seed 0). [ours]
+VAL_SEED = 12345
 
 
 def load_data(cfg: RunConfig, device: torch.device, dataset: Any | None = None) -> RunData:
@@ -73,6 +83,15 @@ def load_data(cfg: RunConfig, device: torch.device, dataset: Any | None = None) 
 
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, root=cfg.data_root)
     x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+    x_va = y_va = None
+    if cfg.val_split is not None:
+        from dsbp.data.subset import balanced_indices
+
+        # Held out first, from the whole training split; the training subset is then drawn
+        # from what is left, so the two are disjoint.
+        held = torch.zeros(len(y_tr), dtype=torch.bool)
+        held[balanced_indices(y_tr, cfg.val_split, seed=VAL_SEED)] = True
+        x_va, y_va, x_tr, y_tr = x_tr[held], y_tr[held], x_tr[~held], y_tr[~held]
     if cfg.subset is not None:
         x_tr, y_tr = balanced_subset(x_tr, y_tr, cfg.subset, seed=cfg.seed)
     if cfg.eval_subset is not None:
@@ -83,9 +102,12 @@ def load_data(cfg: RunConfig, device: torch.device, dataset: Any | None = None) 
     # Evaluation batch size does not change results; larger batches are faster.
     test = DeviceLoader(x_te, y_te, max(cfg.batch_size, 500), shuffle=False, augment=False,
                         seed=0, **common)
+    val = None if x_va is None else DeviceLoader(
+        x_va, y_va, max(cfg.batch_size, 500), shuffle=False, augment=False, seed=0, **common)
     return RunData(train=train, test=test, in_channels=int(x_tr.shape[1]),
                    image_size=int(x_tr.shape[-1]), num_classes=len(ds.classes),
-                   n_train=int(x_tr.shape[0]), n_test=int(x_te.shape[0]), source=str(ds.source))
+                   n_train=int(x_tr.shape[0]), n_test=int(x_te.shape[0]), source=str(ds.source),
+                   val=val, n_val=0 if y_va is None else int(y_va.shape[0]))
 
 
 # ---------------------------------------------------------------------------------- model

@@ -59,6 +59,10 @@ class RunConfig:
         subset: train on a class-balanced subset of this many training examples (None: all).
         eval_subset: evaluate on a class-balanced subset of this many test examples
             (None: the whole test split).
+        val_split: hold out a class-balanced validation split of this many examples from the
+            training split (seeded by ``VAL_SEED``, the same for every run seed), disjoint from
+            the training examples; evaluated at every epoch end as ``val_loss`` / ``val_acc``.
+            Settings are chosen on it, never on the test split. None: no validation split.
         augment: random crop (pad 4) and horizontal flip on the device.
         model_kwargs: extra keyword arguments for the model factory (e.g. ``width``).
         method_kwargs: method settings, e.g. DSBP's ``rank`` (k), ``interval`` (p),
@@ -89,6 +93,7 @@ class RunConfig:
     label_smoothing: float = 0.0
     subset: int | None = None
     eval_subset: int | None = None
+    val_split: int | None = None
     augment: bool = False
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     method_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -140,7 +145,7 @@ class RunConfig:
             raise ValueError(
                 f"RunConfig.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
             )
-        for name in ("subset", "eval_subset"):
+        for name in ("subset", "eval_subset", "val_split"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"RunConfig.{name} must be None or an integer >= 1, got {v!r}")
@@ -223,6 +228,10 @@ class Preset:
         base: config shared by every run; its dataset/method/seed fields are overwritten.
         method_overrides: per method, settings that differ from ``base`` (e.g. AdamW's lr).
         note: one line on what the preset is for and which values are ours.
+        threads: torch CPU threads the CLI sets for this preset unless ``--threads`` is
+            given (None: torch's default). [ours] 1 for the tiny CPU presets: their ops are
+            too small to gain from a thread pool, and on a shared CPU waiting for a second
+            thread slows them many times over.
     """
 
     name: str
@@ -232,6 +241,7 @@ class Preset:
     base: RunConfig
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     note: str = ""
+    threads: int | None = None
 
     def configs(self) -> list[RunConfig]:
         """Every run of the grid, dataset-major, then method, then seed."""
@@ -264,6 +274,7 @@ PRESETS: dict[str, Preset] = {
         ),
         method_overrides={"adamw": {"lr": 2e-3, "weight_decay": 5e-2}, "sam": {"rho": 0.05}},
         note="[ours] pipeline check only; numbers are not meaningful",
+        threads=1,
     ),
     "demo": Preset(
         name="demo",
@@ -279,6 +290,7 @@ PRESETS: dict[str, Preset] = {
             method_kwargs={"rank": 10, "interval": 20, "power_iters": 5, "sharpness": 0.1},
         ),
         note="[ours] a quick look at SGD against DSBP; not the paper's setting",
+        threads=1,
     ),
     "paper": Preset(
         name="paper",

@@ -11,7 +11,8 @@ Records (one dict per JSON line of ``metrics.jsonl``):
 
 - ``{"kind": "train", "step", "epoch", "train_loss", "train_acc", "lr", "wall_s"}``: means over
   the steps since the previous train record; ``epoch`` is fractional (steps / steps per epoch).
-- ``{"kind": "eval", "step", "epoch", "test_loss", "test_acc", "wall_s", ...tracked}``:
+- ``{"kind": "eval", "step", "epoch", "test_loss", "test_acc", "wall_s", ...tracked}``
+  (plus ``val_loss``, ``val_acc`` when the run holds out a validation split):
   ``epoch`` counts completed epochs.
 - ``{"kind": "status", "status", "step", "epoch", "message"}``: why a run stopped early.
 
@@ -257,6 +258,8 @@ def train(
             test_loss, test_acc = evaluate(model, data.test, autocast)
             record = {"kind": "eval", "step": state.step, "epoch": state.epoch,
                       "test_loss": test_loss, "test_acc": test_acc, "wall_s": state.wall_s}
+            if getattr(data, "val", None) is not None:  # RunConfig.val_split
+                record["val_loss"], record["val_acc"] = evaluate(model, data.val, autocast)
             for name, tracker in (trackers or {}).items():
                 values = tracker(model=model, method=method, data=data, loss_fn=loss_fn,
                                  state=state)

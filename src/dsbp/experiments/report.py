@@ -6,6 +6,7 @@ accuracies); this project has not reproduced them. The report says so next to ev
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dsbp.experiments import atomic
+from dsbp.experiments.config import RunConfig
 
 # The paper's claimed test accuracies in percent (METHOD.md §4), by data set and method.
 PAPER_CLAIMED_ACC: dict[str, dict[str, float]] = {
@@ -93,12 +95,39 @@ def summarise(rows: Sequence[Mapping[str, Any]], varying: Sequence[str]) -> list
     return list(groups.values())
 
 
+def _config_lines(configs: Sequence[RunConfig]) -> list[str]:
+    """Markdown lines: settings shared by every run, then per method what differs from them.
+
+    Method kwargs are shown only for the methods that read them (per the method registry).
+    """
+    from dsbp.experiments.build import METHODS
+
+    def settings(c: RunConfig) -> dict[str, str]:
+        d = {k: v for k, v in c.to_dict().items()
+             if k not in ("dataset", "method", "seed", "method_kwargs", "track", "log_every",
+                          "checkpoint_every")}
+        spec = METHODS.get(c.method)
+        d.update({k: v for k, v in c.method_kwargs.items() if spec is None or k in spec.settings})
+        return {k: json.dumps(v, sort_keys=True) for k, v in d.items()}
+
+    per = [settings(c) for c in configs]
+    common = {k: v for k, v in per[0].items() if all(p.get(k) == v for p in per)}
+    lines = ["Shared by every run: " + ", ".join(f"`{k}={v}`" for k, v in common.items()), ""]
+    seen: dict[str, str] = {}
+    for c, p in zip(configs, per, strict=True):
+        own = ", ".join(f"`{k}={v}`" for k, v in p.items() if k not in common)
+        seen.setdefault(c.method, own)
+    lines += [f"- {m}: {own or 'nothing else'}" for m, own in seen.items()]
+    return lines
+
+
 def write_report(
     path: str | Path,
     rows: Sequence[Mapping[str, Any]],
     varying: Sequence[str],
     info: Mapping[str, Any],
     plots: Sequence[str] = (),
+    configs: Sequence[RunConfig] = (),
 ) -> Path:
     """Write ``report.md`` for a sweep.
 
@@ -108,7 +137,10 @@ def write_report(
         varying: ablated setting names (extra columns).
         info: ``bench.json`` content: ``command``, ``preset``, ``label``, ``env``, ``seeds``.
         plots: PNG file names next to the report.
+        configs: the runs' configs (for the configuration section).
     """
+    order = {name: i for i, name in enumerate(info.get("runs", []))}
+    rows = sorted(rows, key=lambda r: order.get(r["run"], len(order)))
     env = info.get("env", {})
     devices = sorted({str(r["device"]) for r in rows if r.get("device")})
     seeds = sorted({int(r["seed"]) for r in rows})
@@ -136,8 +168,9 @@ def write_report(
         "## Measured by this project",
         "",
         "Test accuracy after the last epoch, mean ± sample std over seeds (runs with status ok). "
-        "Train time excludes evaluation. The last column is **the paper's claim** (METHOD.md §4) "
-        "for the same data set and method, shown for reference only: it is not measured here"
+        "Train time excludes evaluation; on a shared CPU it is noisy. The last column is "
+        "**the paper's claim** (METHOD.md §4) for the same data set and method, shown for "
+        "reference only: it is not measured here"
         + (", and this setting is not the paper's." if info.get("preset") != "paper" else "."),
         "",
     ]
@@ -151,6 +184,8 @@ def write_report(
             _pm(g["loss"], 1.0, 3), _pm(g["wall"], 1.0, 1),
             f"{claim:.1f} (paper's claim)" if claim is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    if configs:
+        lines += ["", "## Configuration", ""] + _config_lines(configs)
     lines += [
         "",
         "## The paper's claimed accuracies (METHOD.md §4)",

@@ -268,7 +268,9 @@ def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, 
     plots = [plot_learning_curves(run_dirs, out / "learning_curves.png"),
              plot_accuracy_vs_wallclock(run_dirs, out / "acc_vs_wallclock.png")]
     report = write_report(out / "report.md", rows, varying, info,
-                          plots=[p.name for p in plots if p is not None])
+                          plots=[p.name for p in plots if p is not None],
+                          configs=[RunConfig.from_json((d / "config.json").read_text())
+                                   for d in run_dirs])
     return {"csv": out / "results.csv", "report": report, "plots": [p for p in plots if p]}
 
 

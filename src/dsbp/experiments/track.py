@@ -14,8 +14,13 @@ Built in:
 - ``hessian``: top eigenvalue of the training-loss Hessian on the first
   :data:`HESSIAN_BATCHES` training batches of epoch 0 (Lanczos on Hessian-vector products,
   ``dsbp.diagnostics.hessian.hessian_top_eigenvalues``).
-- ``alignment``: gradient / top-eigenvector alignment from ``dsbp.diagnostics``'s
-  ``AlignmentTracker``.
+- ``alignment`` (DSBP methods): ``dsbp.diagnostics.alignment.AlignmentTracker`` on the same
+  batches: per-layer gradient energy kept in the DSBP subspace, basis drift, and optionally
+  the overlap with the top Hessian eigenvectors.
+
+Tracker state (the previous bases, for drift) lives in memory: after ``--resume`` the first
+evaluation has no drift value. Trackers use the first training batches of epoch 0 (fixed
+across evaluations) and private RNGs, so they never change the training itself.
 """
 
 from __future__ import annotations
@@ -91,14 +96,41 @@ def _hessian(cfg: RunConfig) -> Tracker:
     def track(*, model: torch.nn.Module, data: Any, loss_fn: Any, **_: Any) -> dict[str, float]:
         from dsbp.diagnostics.hessian import hessian_top_eigenvalues
 
-        batches = []
-        for i, batch in enumerate(data.train.iter_epoch(0)):
-            if i >= HESSIAN_BATCHES:
-                break
-            batches.append(batch)
+        batches = _first_train_batches(data, HESSIAN_BATCHES)
         # A fixed generator: the estimate must not consume the run's global RNG (resume).
         eig = hessian_top_eigenvalues(model, loss_fn, batches, k=1,
                                       generator=torch.Generator().manual_seed(0))
         return {"top_eigenvalue": float(eig.eigenvalues[0])}
+
+    return track
+
+
+def _first_train_batches(data: Any, n: int) -> list[Any]:
+    batches = []
+    for i, batch in enumerate(data.train.iter_epoch(0)):
+        if i >= n:
+            break
+        batches.append(batch)
+    return batches
+
+
+@register_tracker("alignment")
+def _alignment(cfg: RunConfig) -> Tracker:
+    """Gradient energy kept in the DSBP subspace and basis drift per layer (figure 1a); with
+    ``method_kwargs["alignment_hessian_k"] > 0`` also the overlap with the top Hessian
+    eigenvectors. Records nothing for methods without a projector."""
+    from dsbp.diagnostics.alignment import AlignmentTracker
+
+    trackers: dict[int, Any] = {}
+    hessian_k = int(cfg.method_kwargs.get("alignment_hessian_k", 0))
+
+    def track(*, model: torch.nn.Module, method: Any, data: Any, loss_fn: Any,
+              **_: Any) -> dict[str, float]:
+        proj = getattr(method.optimizer, "projector", None)
+        if proj is None:
+            return {}
+        tracker = trackers.setdefault(id(proj), AlignmentTracker(proj, hessian_k=hessian_k,
+                                                                 seed=cfg.seed))
+        return tracker(model, loss_fn, _first_train_batches(data, HESSIAN_BATCHES))
 
     return track

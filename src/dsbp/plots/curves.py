@@ -71,7 +71,8 @@ def plot_learning_curves(run_dirs: Iterable[str | Path], path: str | Path) -> Pa
         return None
     plt = _pyplot()
     data = _by_dataset(runs)
-    fig, axes = plt.subplots(2, len(data), figsize=(5 * len(data), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(data), figsize=(5 * len(data), 7), squeeze=False,
+                             layout="constrained")
     for j, (ds, by_label) in enumerate(sorted(data.items())):
         top, bottom = axes[0, j], axes[1, j]
         for label, group in sorted(by_label.items()):
@@ -99,7 +100,8 @@ def plot_accuracy_vs_wallclock(run_dirs: Iterable[str | Path], path: str | Path)
         return None
     plt = _pyplot()
     data = _by_dataset(runs)
-    fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(data), figsize=(5 * len(data), 3.8), squeeze=False,
+                             layout="constrained")
     for j, (ds, by_label) in enumerate(sorted(data.items())):
         ax = axes[0, j]
         for label, group in sorted(by_label.items()):
