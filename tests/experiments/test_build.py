@@ -79,3 +79,26 @@ def test_dsbp_input_method_uses_the_input_side(bundled):
         assert m.optimizer.projector.rank == 3 and m.optimizer.projector.interval == 7
     finally:
         m.close()
+
+
+def test_methods_modules_are_discovered(tmp_path, monkeypatch):
+    import dsbp.experiments as pkg
+    from dsbp.experiments import build
+
+    plugin = tmp_path / "methods_testplugin.py"
+    plugin.write_text(
+        "import torch\n"
+        "from dsbp.experiments.build import Method, register_method\n"
+        "@register_method('_test_plugin')\n"
+        "def f(model, cfg, ctx):\n"
+        "    return Method(model, torch.optim.SGD(model.parameters(), lr=cfg.lr))\n"
+    )
+    monkeypatch.setattr(pkg, "__path__", [*pkg.__path__, str(tmp_path)])
+    monkeypatch.setattr(build, "_discovered", False)
+    try:
+        assert get_method("_test_plugin").name == "_test_plugin"
+    finally:
+        METHODS.pop("_test_plugin", None)
+        import sys
+
+        sys.modules.pop("dsbp.experiments.methods_testplugin", None)

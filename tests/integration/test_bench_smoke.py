@@ -76,3 +76,30 @@ def test_unknown_ablation_key_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--methods", "sgd", "--ablate", "rnak=1,2", "--out", str(tmp_path)])
     assert "rnak" in capsys.readouterr().err
+
+
+def test_optional_subcommands_are_dispatched_lazily(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import dsbp.cli as cli
+
+    (tmp_path / "fake_diag_cli.py").write_text(
+        "def add_parser(sub):\n"
+        "    p = sub.add_parser('diagnose')\n"
+        "    p.add_argument('--x', type=int)\n"
+        "    p.set_defaults(func=lambda a: print('diag', a.x) or 0)\n"
+        "    return p\n"
+    )
+    (tmp_path / "fake_broken.py").write_text("raise ImportError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "_OPTIONAL_COMMANDS", (("diagnose", "fake_diag_cli"),
+                                                    ("figures", "fake_broken")))
+    try:
+        assert main(["diagnose", "--x", "3"]) == 0
+        assert "diag 3" in capsys.readouterr().out
+        # A broken optional module is never imported by other commands.
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", "--nproc", "2"])
+        assert exc.value.code == 2 and "multi-process" in capsys.readouterr().err
+    finally:
+        sys.modules.pop("fake_diag_cli", None)

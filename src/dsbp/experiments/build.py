@@ -10,6 +10,9 @@ Training methods live in a registry, :data:`METHODS`, so that other parts of the
         opt = MyOptimizer(model.parameters(), lr=cfg.lr, rank=cfg.method_kwargs.get("rank", 4))
         return Method(model=model, optimizer=opt)
 
+Modules named ``dsbp.experiments.methods_*`` are imported on the first lookup
+(:func:`discover_methods`), so a new method only needs such a module with its factory.
+
 A factory gets the freshly built model, the :class:`~dsbp.experiments.config.RunConfig` and a
 :class:`BuildContext` (loss function, training loader, device) and returns a :class:`Method`.
 """
@@ -217,8 +220,35 @@ def register_method(
     return deco
 
 
+_discovered = False
+
+
+def discover_methods() -> dict[str, MethodSpec]:
+    """Import every ``dsbp.experiments.methods_*`` module once, so that the methods they
+    register are known, and return :data:`METHODS`.
+
+    This is how methods from other parts of the project join the harness: extensions cannot
+    import ``dsbp.experiments`` (layering), so their harness entries live in a module such as
+    ``dsbp/experiments/methods_inference.py`` that imports the extension and calls
+    :func:`register_method`. An import error there is raised, not hidden.
+    """
+    global _discovered
+    if not _discovered:
+        import importlib
+        import pkgutil
+
+        import dsbp.experiments as pkg
+
+        _discovered = True
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name.startswith("methods_"):
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
+    return METHODS
+
+
 def get_method(name: str) -> MethodSpec:
     """The registered method ``name``; ``ValueError`` lists the known ones otherwise."""
+    discover_methods()
     try:
         return METHODS[name]
     except KeyError:
