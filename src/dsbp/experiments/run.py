@@ -247,11 +247,10 @@ def run(
         done = read_result(run_dir)
         if done is not None and done.status != "error":
             return done
-    if cfg.amp == "fp16" and cfg.device == "cpu":
+    device = resolve_device(cfg.device)
+    if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    device = resolve_device(cfg.device)
     env = environment(device)
     if env_path.exists() and ckpt_path.exists():
         first = json.loads(env_path.read_text())

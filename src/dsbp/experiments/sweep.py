@@ -193,8 +193,11 @@ def collect_rows(out: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
 
     Runs without ``result.json`` (still running or killed) get status ``incomplete``.
     """
+    runs_dir = Path(out) / "runs"
+    if not runs_dir.is_dir():
+        raise ValueError(f"{out} is not a `dsbp bench` output folder (no runs/ inside)")
     rows, cfgs = [], []
-    for rdir in sorted((Path(out) / "runs").iterdir()):
+    for rdir in sorted(runs_dir.iterdir()):
         if not (rdir / "config.json").exists():
             continue
         cfg = RunConfig.from_json((rdir / "config.json").read_text())
