@@ -92,11 +92,12 @@ def experiment_a(d, k, b, n, pert, budget, cs, seed):
     for c in cs:
         V = V0.clone()
         cur = [{"matvecs": 0, "angle": out["start"], "seconds": 0.0}]
-        t = time.perf_counter()
+        spent = 0.0  # step time only, not the accuracy measurement
         for j in range(1, budget * 4 + 1):
+            t = time.perf_counter()
             V = lie_step(A, V, c)
-            cur.append({"matvecs": j, "angle": max_angle(V, k, top),
-                        "seconds": time.perf_counter() - t})
+            spent += time.perf_counter() - t
+            cur.append({"matvecs": j, "angle": max_angle(V, k, top), "seconds": spent})
         curves[f"cayley c={c}"] = cur
     out["curves"] = curves
     out["eig_gap_ratio"] = float(lam[k] / lam[k - 1])
@@ -152,6 +153,44 @@ def experiment_b(d, k, b, n, steps, drift_rate, c, seed):
             for m, e in err.items()}
 
 
+def conclusions(a: dict, bres: dict) -> list[str]:
+    """Plain statements computed from the numbers (so the text cannot drift from them)."""
+    out = []
+    pw = first_below(a["curves"]["power"], 1e-2)
+    cay = {m: first_below(c, 1e-2) for m, c in a["curves"].items() if m != "power"}
+    reached = {m: p for m, p in cay.items() if p is not None}
+    if pw is not None and reached:
+        best = min(reached, key=lambda m: reached[m]["matvecs"])
+        out.append(
+            f"- A: to reach 1e-2 rad, block power iteration needed {pw['matvecs']} products and "
+            f"the best Cayley step size ({best}) {reached[best]['matvecs']}: power iteration is "
+            f"{reached[best]['matvecs'] / pw['matvecs']:.1f}x cheaper in products and "
+            f"{reached[best]['seconds'] / max(pw['seconds'], 1e-12):.1f}x in seconds.")
+    elif pw is not None:
+        out.append(f"- A: block power iteration reached 1e-2 rad in {pw['matvecs']} products; no "
+                   "Cayley step size did within the budget.")
+    finals = ", ".join(f"{m}: {c[-1]['angle']:.2e} rad after {c[-1]['matvecs']}"
+                       for m, c in a["curves"].items() if m != "power")
+    out.append("- A: the Cayley flow contracts the error by about "
+               "c (lambda_k - lambda_(k+1)) / lambda_1 per step, power iteration by "
+               "lambda_(k+1) / lambda_k per product; with a decaying spectrum the first is far "
+               f"slower. Final Cayley errors: {finals} products.")
+    names = list(bres)
+    lie, p1 = bres[names[0]], bres[names[1]]
+    paper = bres[names[3]]
+    out.append(
+        f"- B: at one product per step, Cayley tracking followed the drifting top-k with a mean "
+        f"error of {lie['mean_angle']:.3f} rad against {p1['mean_angle']:.3f} for one "
+        "warm-started power iteration per step: "
+        + ("better." if lie["mean_angle"] < p1["mean_angle"] else "worse.")
+        + f" Both beat the paper's schedule (5 iterations every 100 steps: "
+        f"{paper['mean_angle']:.3f} rad), whose basis goes stale between refreshes.")
+    out.append("- Verdict: on this CPU measurement the Cayley / double-bracket tracker keeps "
+               "bases exactly orthonormal and converges (tests), but it is not a cheaper way to "
+               "reach a given basis accuracy than repeated power iteration.")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="results/extensions/lie")
@@ -205,8 +244,7 @@ def main() -> None:
     for m, r in bres.items():
         lines.append(f"| {m} | {r['mean_angle']:.3f} | {r['final_angle']:.3f} | "
                      f"{r['seconds_per_step'] * 1e3:.2f} |")
-    lines += ["", "## What it shows", "", "(filled in by hand from the numbers above; see "
-              "docs/extensions_a.md)", ""]
+    lines += ["", "## What it shows", ""] + conclusions(a, bres) + [""]
     (out / "report.md").write_text("\n".join(lines))
 
     import matplotlib
