@@ -1,4 +1,4 @@
-"""Scaling curve: step time and optimizer memory of SGD, DSBP and SAM as width, depth and batch grow.
+"""Scaling curve: step time and optimizer memory of SGD, DSBP and SAM as width, depth, batch grow.
 
 Model: an MLP on real Fashion-MNIST batches (784 -> width x depth -> 10), SGD with momentum as
 the base everywhere. Per configuration the three arms run interleaved (rotating order), and we

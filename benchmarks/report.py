@@ -1,0 +1,113 @@
+"""Render the tables of BENCHMARKS.md from benchmarks/results/*.json (no measurement here).
+
+``python benchmarks/report.py`` prints Markdown; BENCHMARKS.md embeds its output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict | None:
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _env(e: dict) -> str:
+    dirty = " (+ uncommitted changes)" if e.get("dirty") else ""
+    return f"{e['device']}, torch {e['torch']}, commit `{e['commit'][:10]}`{dirty}"
+
+
+def overhead() -> list[str]:
+    out = ["| model | device / dtype | batch | base step (ms, median) | DSBP full-step ratio "
+           "(median, IQR) | pooled fwd/bwd ratio | DSBP opt.-step extra (ms) | reference loop "
+           "ratio (pooled) | refresh (ms) | refresh amortised p=100 | total |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    envs = []
+    for p in sorted(RESULTS.glob("step_overhead_*.json")):
+        r = json.loads(p.read_text())
+        a = r["args"]
+        model = "SmallCNN" if a["model"] == "cnn" else f"ResNet-18 (width {a['width']})"
+        fr = r["dsbp_full_ratio"]
+        total = r["dsbp_full_ratio_pooled_fwd_bwd"] + r["refresh_amortised_fraction"]["median"]
+        out.append(
+            f"| {model} | {a['device']} / {a['dtype']} | {a['batch']} | "
+            f"{1e3 * r['arms']['base']['full_s']['median']:.1f} | "
+            f"{fr['median']:.3f} ({fr['q1']:.2f}-{fr['q3']:.2f}) | "
+            f"{r['dsbp_full_ratio_pooled_fwd_bwd']:.4f} | {r['dsbp_step_extra_ms']:.2f} | "
+            f"{r['dsbp_loop_full_ratio_pooled_fwd_bwd']:.4f} | "
+            f"{1e3 * r['refresh_cost_s']['median']:.0f} | "
+            f"{100 * r['refresh_amortised_fraction']['median']:.2f}% | {total:.3f}x |")
+        envs.append(f"- `{p.name}`: {_env(r['env'])}; `python benchmarks/step_overhead.py "
+                    f"--model {a['model']} --batch {a['batch']} --repeats {a['repeats']} "
+                    f"--threads {a['threads']}`")
+    return out + [""] + envs
+
+
+def memory() -> list[str]:
+    r = _load("subspace_memory_cpu.json")
+    if r is None:
+        return ["(not run)"]
+    out = ["| d | k = d/16 | optimizer | params (MiB) | optimizer state (MiB, exact) | "
+           "AdamW state / this | peak above model (MiB) | AdamW peak / this |",
+           "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        if "error" in x:
+            out.append(f"| {x['d']} | {x['d'] // 16} | {x['arm']} | | not measured: "
+                       f"{x['error']} | | | |")
+            continue
+        out.append(f"| {x['d']} | {x['rank']} | {x['arm']} | {x['params_bytes'] / 2**20:.1f} | "
+                   f"{x['state_bytes'] / 2**20:.2f} | "
+                   f"{x.get('state_reduction_vs_adamw', 0):.2f}x | "
+                   f"{x['peak_bytes'] / 2**20:.0f} | {x.get('peak_reduction_vs_adamw', 0):.2f}x |")
+    return out + ["", f"- {_env(r['env'])}; `{r['command']}`"]
+
+
+def curves() -> list[str]:
+    r = _load("subspace_curves_fmnist.json")
+    if r is None:
+        return ["(not run)"]
+    out = ["| optimizer | final test acc | best test acc | mean train loss, last 100 steps | "
+           "optimizer state (MiB) | wall (s) |", "|---|---|---|---|---|---|"]
+    for arm, c in r["curves"].items():
+        if "error" in c:
+            out.append(f"| {arm} | {c['error']} | | | | |")
+            continue
+        last = c["train_loss"][-100:]
+        out.append(f"| {arm} | {c['test_acc'][-1][1]:.4f} | {max(a for _, a in c['test_acc']):.4f}"
+                   f" | {sum(last) / len(last):.4f} | {c['state_bytes'] / 2**20:.2f} | "
+                   f"{c['seconds']:.0f} |")
+    return out + ["", f"- {_env(r['env'])}; `{r['command']}`"]
+
+
+def scaling() -> list[str]:
+    r = _load("scaling_cpu.json")
+    if r is None:
+        return ["(not run)"]
+    out = ["| sweep | width | depth | batch | SGD step (ms) | DSBP / SGD (p=100 amortised) | "
+           "SAM / SGD | state+transient MiB: SGD / DSBP / SAM |",
+           "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        mem = " / ".join(f"{(x['state_bytes'][a] + x['transient_bytes'][a]) / 2**20:.1f}"
+                         for a in ("sgd", "dsbp", "sam"))
+        out.append(f"| {x['sweep']} | {x['width']} | {x['depth']} | {x['batch']} | "
+                   f"{1e3 * x['time_s']['sgd']['median']:.1f} | {x['ratio_vs_sgd']['dsbp']:.3f} | "
+                   f"{x['ratio_vs_sgd']['sam']:.2f} | {mem} |")
+    return out + ["", f"- {_env(r['env'])}; `{r['command']}`"]
+
+
+def main() -> None:
+    parts = {"overhead": overhead, "memory": memory, "curves": curves, "scaling": scaling}
+    names = sys.argv[1:] or list(parts)
+    for n in names:
+        print(f"<!-- {n} -->")
+        print("\n".join(parts[n]()))
+        print()
+
+
+if __name__ == "__main__":
+    main()
