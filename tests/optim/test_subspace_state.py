@@ -178,3 +178,30 @@ def test_resume_is_bit_exact(fmnist_batch, tmp_path):
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         SubspaceAdam(_net(), **kw)
+
+
+def test_state_bytes_counts_wrapped_base_optimizers():
+    """DSBP and SAM keep their momentum in a base optimizer: it is counted, once."""
+    from dsbp import DSBP
+    from dsbp.baselines.sam import SAM
+
+    torch.manual_seed(0)
+    d, k = 32, 4
+    x = torch.randn(16, d)  # shapes only: the point is the byte count
+    lin = nn.Linear(d, d)
+    dsbp = DSBP(lin, torch.optim.SGD, rank=k, lr=0.1, momentum=0.9,
+                projector_kwargs={"oversample": 2})
+    lin(x).square().mean().backward()
+    dsbp.step()
+    momentum = (d * d + d) * 4
+    assert state_bytes(dsbp) == momentum + (d * (k + 2) + (k + 2) + 1) * 4
+    lin2 = nn.Linear(d, d)
+    sam = SAM(lin2.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+
+    def closure():
+        loss = lin2(x).square().mean()
+        loss.backward()
+        return loss
+
+    sam.step(closure)
+    assert state_bytes(sam) == momentum

@@ -96,8 +96,9 @@ def reproject_moments(
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in an optimizer's state tensors (and a DSBP projector's bases, if any).
 
-    Works for ``torch.optim`` optimizers, :class:`~dsbp.DSBP`, :class:`SubspaceAdam` and GaLore's
-    optimizers (whose state holds projector objects: their tensors are counted too).
+    Works for ``torch.optim`` optimizers, wrappers with a ``base_optimizer`` (:class:`~dsbp.DSBP`,
+    SAM), :class:`SubspaceAdam` and GaLore's optimizers (whose state holds projector objects:
+    their tensors are counted too). Tensors are counted once (by storage pointer).
     """
     seen: set[int] = set()
 
@@ -116,6 +117,9 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         return 0
 
     total = sum(count(s) for s in optimizer.state.values())
+    base = getattr(optimizer, "base_optimizer", None)  # SAM / DSBP wrappers: the base's state
+    if isinstance(base, torch.optim.Optimizer):
+        total += sum(count(s) for s in base.state.values())
     proj = getattr(optimizer, "projector", None)
     if isinstance(proj, SpectralProjector):
         for name in proj.layer_names():
