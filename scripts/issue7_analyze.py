@@ -1,0 +1,193 @@
+"""Issue 7: tables and plots from the diagnostics and the ``dsbp bench`` outputs.
+
+Reads ``results/issue7/diagnose/*.json`` (``scripts/issue7_diagnose.py``) and the run
+directories under ``results/issue7/<stage>/<config>/runs/`` (``scripts/issue7_sweep.py``);
+writes ``docs/img/issue7_*.png`` and ``results/issue7/tables.md``. Every number comes from those
+files. CPU subset: shows the trend, not the final figure.
+
+Usage::
+
+    python scripts/issue7_analyze.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = ROOT / "results" / "issue7"
+IMG = ROOT / "docs" / "img"
+LABEL = "CPU subset: shows the trend, not the final figure"
+
+
+def _mean_sd(v: list[float]) -> tuple[float, float]:
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def fmt(v: list[float], scale: float = 1.0, nd: int = 1) -> str:
+    if not v:
+        return "n/a"
+    m, s = _mean_sd([scale * x for x in v])
+    return f"{m:.{nd}f} ± {s:.{nd}f}"
+
+
+# ------------------------------------------------------------------------------ diagnostics
+def diagnostics(lines: list[str]) -> None:
+    for dsbp_path in sorted((RES / "diagnose").glob("*_dsbp.json")):
+        setting = dsbp_path.name[: -len("_dsbp.json")]
+        d = json.loads(dsbp_path.read_text())
+        sgd_path = dsbp_path.with_name(f"{setting}_sgd.json")
+        s = json.loads(sgd_path.read_text()) if sgd_path.exists() else None
+        names = d["layers"]
+        short = [n.replace("layer", "L").replace(".", "") for n in names]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+        for n, sn in zip(names, short, strict=True):
+            axes[0].plot(d["energy"][n], label=f"{sn} (d={d['widths'][n]})", lw=1)
+        axes[0].set(xlabel="step", ylabel="||E E^T G|| / ||G||",
+                    title=f"gradient energy kept per layer ({setting})", ylim=(0, 1.02))
+        if len(names) <= 8:
+            axes[0].legend(fontsize=7)
+        for n, sn in zip(names, short, strict=True):
+            pts = d["drift"][n]
+            if pts:
+                axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1,
+                             label=sn)
+        axes[1].set(xlabel="step (refresh)", ylabel="drift sqrt(1-||E_old^T E_new||^2/k)",
+                    title="basis drift between refreshes", ylim=(0, 1.02))
+        if s is not None:
+            n_steps = min(len(d["step_norm"]), len(s["step_norm"]))
+            ratio = [d["step_norm"][i] / max(s["step_norm"][i], 1e-30) for i in range(n_steps)]
+            axes[2].plot(ratio, lw=1)
+            axes[2].axhline(1.0, color="k", lw=0.5)
+        axes[2].set(xlabel="step", ylabel="||dtheta|| DSBP / ||dtheta|| SGD",
+                    title="parameter step norm, DSBP over SGD (same seed, lr)")
+        fig.suptitle(f"DSBP k=10, output side, beta=0.1 - {LABEL}", fontsize=9)
+        fig.savefig(IMG / f"issue7_diag_{setting}.png", dpi=110)
+        plt.close(fig)
+
+        # Per-layer summary: which layers lose most, and BatchNorm's wasted radial part.
+        lines += [f"\n### Per-layer diagnostics: {setting} (DSBP test acc "
+                  f"{100 * d['test_acc']:.1f}%, SGD {100 * s['test_acc']:.1f}%)\n" if s else
+                  f"\n### Per-layer diagnostics: {setting}\n",
+                  "| layer | d (output width) | mean energy kept | min | random k-subspace "
+                  "sqrt(k/d) | mean drift per refresh | "
+                  "radial (BN-undone) share of projected grad | same, raw grad |",
+                  "|---|---|---|---|---|---|---|---|"]
+        bn = set(d["bn_layers"])
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 3.6), constrained_layout=True)
+        means = []
+        for n in names:
+            e = d["energy"][n]
+            dr = [p[1] for p in d["drift"][n]]
+            rp = d["radial_proj"][n] if n in bn else []
+            rr = d["radial_raw"][n] if n in bn else []
+            means.append(statistics.mean(e))
+            # A uniformly random k-dim subspace keeps E||P g||^2 / ||g||^2 = k / d.
+            k = statistics.mean(d["k_active"][n])
+            rnd = (k / d["widths"][n]) ** 0.5
+            drs = f"{statistics.mean(dr):.3f}" if dr else "n/a"
+            lines.append(f"| {n} | {d['widths'][n]} | {statistics.mean(e):.3f} | {min(e):.3f} | "
+                         f"{rnd:.3f} | {drs} | ")
+            lines[-1] += (f"{statistics.mean(rp):.3f} | {statistics.mean(rr):.4f} |" if rp
+                          else "no BN | no BN |")
+        ax.bar(range(len(names)), means, color=["C3" if n in bn else "C0" for n in names])
+        ax.set_xticks(range(len(names)), short, rotation=60, fontsize=7)
+        ax.set(ylabel="mean ||E E^T G|| / ||G||", ylim=(0, 1),
+               title=f"{setting}: energy kept per layer (red: conv followed by BatchNorm)")
+        fig.savefig(IMG / f"issue7_layers_{setting}.png", dpi=110)
+        plt.close(fig)
+        if s is not None:
+            n_steps = min(len(d["step_norm"]), len(s["step_norm"]))
+            r = [d["step_norm"][i] / s["step_norm"][i] for i in range(n_steps)]
+            allE = [x for n in names for x in d["energy"][n]]
+            lines.append(f"\nMean step-norm ratio DSBP/SGD: {statistics.mean(r):.3f} "
+                         f"(median {statistics.median(r):.3f}); mean energy kept over layers "
+                         f"and steps {statistics.mean(allE):.3f}.")
+
+
+# --------------------------------------------------------------------------------- sweeps
+def load_stage(stage: str) -> dict[str, list[dict]]:
+    """``{config name: [per-run summary]}`` from ``results/issue7/<stage>``."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for mpath in sorted((RES / stage).glob("*/runs/*/metrics.jsonl")):
+        run_dir = mpath.parent
+        if not (run_dir / "result.json").exists():
+            continue
+        recs = [json.loads(line) for line in mpath.open()]
+        ev = [r for r in recs if r["kind"] == "eval"]
+        if not ev:
+            continue
+        last = ev[-1]
+        cfg = json.loads((run_dir / "config.json").read_text())
+        out[run_dir.parent.parent.name].append({
+            "seed": cfg["seed"], "test_acc": last["test_acc"], "val_acc": last.get("val_acc"),
+            "wall_s": last["wall_s"], "hessian": last.get("hessian/top_eigenvalue"),
+            "curve": [(r["wall_s"], r["test_acc"], r.get("val_acc")) for r in ev],
+            "epochs": cfg["epochs"]})
+    return out
+
+
+def stage_table(stage: str, lines: list[str]) -> dict[str, list[dict]]:
+    runs = load_stage(stage)
+    if not runs:
+        return runs
+    lines += [f"\n### {stage} ({LABEL})\n",
+              "| config | seeds | val acc % | test acc % | train wall s | top Hessian eig (end) |",
+              "|---|---|---|---|---|---|"]
+    order = sorted(runs, key=lambda k: -statistics.mean(r["val_acc"] or 0 for r in runs[k]))
+    for name in order:
+        rs = runs[name]
+        h = [r["hessian"] for r in rs if r["hessian"] is not None]
+        lines.append(f"| {name} | {len(rs)} | {fmt([r['val_acc'] for r in rs], 100)} | "
+                     f"{fmt([r['test_acc'] for r in rs], 100)} | "
+                     f"{fmt([r['wall_s'] for r in rs], 1, 0)} | {fmt(h, 1, 2) if h else 'n/a'} |")
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(order)), 3.8), constrained_layout=True)
+    vals = [_mean_sd([100 * r["val_acc"] for r in runs[n]]) for n in order]
+    ax.bar(range(len(order)), [v[0] for v in vals], yerr=[v[1] for v in vals],
+           color=["C2" if n.startswith("sgd") else "C1" if n.startswith("sam") else "C0"
+                  for n in order])
+    lo = min(v[0] for v in vals)
+    ax.set_ylim(max(0, lo - 10), min(100, max(v[0] for v in vals) + 3))
+    ax.set_xticks(range(len(order)), order, rotation=60, fontsize=7)
+    ax.set(ylabel="validation accuracy %", title=f"{stage}: validation accuracy ({LABEL})")
+    fig.savefig(IMG / f"issue7_{stage}.png", dpi=110)
+    plt.close(fig)
+    if any(r["hessian"] is not None for rs in runs.values() for r in rs):
+        fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+        for name in order:
+            for i, r in enumerate(runs[name]):
+                c = [p for p in r["curve"]]
+                ax.plot([p[0] for p in c], [100 * p[1] for p in c], marker=".",
+                        color=f"C{order.index(name)}", label=name if i == 0 else None, lw=1)
+        ax.set(xlabel="training wall-clock s (shared 2-core CPU)", ylabel="test acc %",
+               title=f"{stage}: accuracy against wall-clock")
+        ax.legend(fontsize=7)
+        fig.savefig(IMG / f"issue7_{stage}_wallclock.png", dpi=110)
+        plt.close(fig)
+    return runs
+
+
+def main() -> int:
+    IMG.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Issue 7 tables ({LABEL})", "",
+             "Generated by `scripts/issue7_analyze.py` from `results/issue7/`."]
+    diagnostics(lines)
+    for stage in sorted(p.name for p in RES.iterdir() if p.is_dir()
+                        and p.name.startswith(("select_", "final_"))):
+        stage_table(stage, lines)
+    (RES / "tables.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
