@@ -3,7 +3,8 @@
 Checks (a) bases and weights are bit-identical on both ranks, and (b) they equal a single
 process that sees the concatenated batch (the ranks' halves, in rank order) within fp32
 round-off, for the exact cold start (all-reduced covariance) and the matrix-free power
-iteration (all-reduced A^T A V), with warm-started refreshes in between.
+iteration (all-reduced A^T A V), with warm-started refreshes in between; and the same for
+SubspaceAdam(distributed=True) (memory mode: Adam moments in the synchronised bases).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def _make(cls, model, kw):
                lr=0.05, momentum=0.9, projector_kwargs={"oversample": 3, **kw})
 
 
+def _make_subspace(cls, model, **kw):
+    return cls(model, lr=0.01, rank=3, interval=2, max_rows=10**6, sharpness=0.1,
+               projector_kwargs={"oversample": 3}, **kw)
+
+
 def _train(model, opt, x, y, rank, world):
     for t in range(STEPS):
         g = slice(t * LOCAL * WORLD, (t + 1) * LOCAL * WORLD)  # the global batch of step t
@@ -85,6 +91,19 @@ def _rank_fn(rank, world, out_dir):
             "bases": {n: opt.projector.basis(n).clone() for n in opt.projector.layer_names()},
             "refreshes": opt.projector.num_refreshes(),
         }
+    # memory mode under DDP: SubspaceAdam with the synchronised projector
+    from dsbp.optim.subspace_state import SubspaceAdam
+
+    torch.manual_seed(0)
+    net = Net()
+    ddp = DDP(net)
+    opt = _make_subspace(SubspaceAdam, net, distributed=True)
+    _train(ddp, opt, x, y, rank, world)
+    result["subspace_adam"] = {
+        "weights": {k: v.clone() for k, v in net.state_dict().items()},
+        "bases": {n: opt.projector.basis(n).clone() for n in opt.projector.layer_names()},
+        "refreshes": opt.projector.num_refreshes(),
+    }
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -97,7 +116,7 @@ def test_two_gloo_ranks_match_each_other_and_the_concatenated_batch(tmp_path):
     torch.set_num_threads(1)
     try:
         x, y = _data()
-        for name, kw in CONFIGS.items():
+        for name in [*CONFIGS, "subspace_adam"]:
             a, b = r0[name], r1[name]
             for n in a["bases"]:  # (a) bit-identical across ranks
                 assert torch.equal(a["bases"][n], b["bases"][n]), (name, n)
@@ -107,7 +126,12 @@ def test_two_gloo_ranks_match_each_other_and_the_concatenated_batch(tmp_path):
             torch.manual_seed(0)
             net = Net()
             init = {k: v.clone() for k, v in net.state_dict().items()}
-            opt = _make(DSBP, net, kw)
+            if name == "subspace_adam":
+                from dsbp.optim.subspace_state import SubspaceAdam
+
+                opt = _make_subspace(SubspaceAdam, net)
+            else:
+                opt = _make(DSBP, net, CONFIGS[name])
             _train(net, opt, x, y, 0, 1)
             for n in a["bases"]:  # (b) same subspace as the single process on the full batch
                 ang = principal_angles(opt.projector.basis(n), a["bases"][n])

@@ -146,6 +146,10 @@ class SubspaceAdam(torch.optim.Optimizer):
             ``"reset"`` (module docstring).
         params: parameters or groups to optimise (default ``model.parameters()``).
         projector_kwargs: extra keyword arguments for the projector (``oversample``, ``seed``...).
+        distributed: use :class:`~dsbp.optim.distributed.DistributedSpectralProjector` (under
+            DDP: the bases of the global batch, bit-identical on every rank, so the subspace
+            moments agree across ranks too). Needs an initialised process group.
+        process_group: the group for ``distributed=True`` (default: world).
 
     Raises:
         ValueError: a bad lr / betas / eps / weight_decay / second_moment (and the projector's
@@ -169,6 +173,8 @@ class SubspaceAdam(torch.optim.Optimizer):
         second_moment: str = "rotate",
         params: Iterable[Any] | None = None,
         projector_kwargs: dict | None = None,
+        distributed: bool = False,
+        process_group=None,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -181,9 +187,17 @@ class SubspaceAdam(torch.optim.Optimizer):
         if second_moment not in SECOND_MOMENT:
             raise ValueError(f"second_moment must be one of {SECOND_MOMENT}, "
                              f"got {second_moment!r}")
-        self.projector = SpectralProjector(
+        kw = dict(projector_kwargs or {})
+        if distributed:  # bases of the global batch, bit-identical on every rank
+            from dsbp.optim.distributed import DistributedSpectralProjector
+
+            proj_cls: type[SpectralProjector] = DistributedSpectralProjector
+            kw["process_group"] = process_group
+        else:
+            proj_cls = SpectralProjector
+        self.projector = proj_cls(
             model, rank=rank, interval=interval, power_iters=power_iters, side=side,
-            sharpness=sharpness, max_rows=max_rows, layers=layers, **(projector_kwargs or {}),
+            sharpness=sharpness, max_rows=max_rows, layers=layers, **kw,
         )
         self.second_moment = second_moment
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
