@@ -72,7 +72,8 @@ class RunConfig:
             gradient scaler and only plain-step methods).
         track: diagnostics recorded at every evaluation, names from
             ``dsbp.experiments.track.TRACKERS`` (e.g. ``alignment``, ``hessian``, ``spectrum``).
-        log_every: steps between train-metric records in ``metrics.jsonl``.
+        log_every: batches per train-metric record in ``metrics.jsonl`` (windows restart at
+            each epoch; the last of an epoch may be shorter).
         checkpoint_every: steps between checkpoints (also one at every epoch end); 0: epoch
             ends only.
         data_root: folder holding the data files (None: the data module's default search).

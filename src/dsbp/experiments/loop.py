@@ -2,10 +2,11 @@
 
 Per step: forward (optionally under autocast), loss, backward, the method's step (plain
 ``optimizer.step()`` or ``optimizer.step(closure)`` for SAM-like methods), the LR schedule.
-Every ``log_every`` steps a train record; at every epoch end an evaluation record (test loss
-and accuracy, plus the tracked diagnostics); checkpoints through the ``save`` callback every
-``checkpoint_every`` steps and at every epoch end. A non-finite training loss stops the run
-with status ``"diverged"`` and a status record saying where and why.
+Every ``log_every`` batches of an epoch (and at its end) a train record; at every epoch end
+an evaluation record (test loss and accuracy, plus the tracked diagnostics); checkpoints
+through the ``save`` callback every ``checkpoint_every`` steps and at every epoch end. A
+non-finite training loss stops the run with status ``"diverged"`` and a status record saying
+where and why.
 
 Records (one dict per JSON line of ``metrics.jsonl``):
 
@@ -237,7 +238,9 @@ def train(
                 state.window_correct += int((first["logits"].argmax(1) == y).sum())
                 state.window_n += y.numel()
                 state.window_steps += 1
-                if state.step % cfg.log_every == 0:
+                # Windows restart at each epoch (the last one of an epoch may be shorter), so
+                # no record mixes two epochs or covers a single stray step.
+                if state.batch % cfg.log_every == 0:
                     log_train()
                 if bar is not None:
                     bar.update(1)
