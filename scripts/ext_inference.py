@@ -40,7 +40,7 @@ METHODS = ("none", "bn_stats", "tent", "spectral_tta")
 
 def drift_demo(out: Path, seed: int, t0: float) -> None:
     """Known-covariance stream with switches at steps 300 and 700: basis error over time."""
-    d, k, n, steps, switches = 64, 5, 2048, 1000, (330, 745)
+    d, k, n, steps, switches = 64, 5, 2048, 1000, (333, 747)
     g = torch.Generator().manual_seed(seed)
     ev = torch.cat([torch.linspace(10.0, 6.0, k), torch.linspace(1.5, 0.1, d - k)]).double()
     covs = [torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
