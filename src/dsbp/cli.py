@@ -135,8 +135,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  else get_preset(preset).threads if preset else None)
     out = args.out or f"runs/{preset or 'bench'}"
     print(f"dsbp bench: {len(runs)} runs -> {out}")
+    label = args.label or (get_preset(preset).note if preset else None)
     made = bench(runs, out, meta={"command": args.command_line, "preset": preset,
-                                  "label": args.label},
+                                  "label": label},
                  resume=args.resume, progress=not args.no_progress)
     _print_table(made["results"])
     print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))
