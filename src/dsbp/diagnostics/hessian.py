@@ -190,7 +190,10 @@ def hessian_top_eigenvalues(
     if k > dim:
         raise ValueError(f"k={k} exceeds the number of selected parameters ({dim})")
     if method == "lanczos":
-        vals, vecs = lanczos(matvec, dim, k, iters, generator=generator)
+        # Krylov basis on the parameters' device: no host round trip per product.
+        device = named_selected_params(model, params)[0][1].device
+        vals, vecs = lanczos(matvec, dim, k, iters, generator=generator, device=device)
+        vals, vecs = vals.cpu(), vecs.cpu()
     else:
         vals, vecs = power_iteration(matvec, dim, k, max_iters=iters or 100, tol=tol,
                                      generator=generator)
