@@ -123,6 +123,7 @@ def _grid_from_args(args: argparse.Namespace) -> tuple[list[Any], str | None]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``dsbp bench``: run the grid; exit status 1 if any run raised (status ``error``)."""
     from dsbp.experiments.sweep import bench
 
     if args.nproc != 1:
@@ -172,6 +173,7 @@ def _add_demo(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``dsbp demo``: the demo preset into ``--out`` (finished runs are reused)."""
     from dsbp.experiments.config import get_preset, with_setting
     from dsbp.experiments.sweep import GridRun, bench
 
@@ -200,6 +202,7 @@ def _add_report(sub: Any) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """``dsbp report OUT``: remake the tables, report and plots from run directories."""
     from dsbp.experiments.sweep import finish
 
     made = finish(args.out, {"label": args.label} if args.label else None)

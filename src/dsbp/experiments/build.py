@@ -172,11 +172,13 @@ class Method:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
         self.optimizer.load_state_dict(state["optimizer"])
         for k, v in self.extra_state.items():
             v.load_state_dict(state[k])
 
     def close(self) -> None:
+        """Run ``cleanup`` once (idempotent)."""
         if self.cleanup is not None:
             self.cleanup()
             self.cleanup = None

@@ -177,15 +177,17 @@ class RunConfig:
         return cls(**kw)
 
     def to_json(self) -> str:
+        """Indented, key-sorted JSON of :meth:`to_dict` (the content of ``config.json``)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
+        """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes: Any) -> RunConfig:
-        """A copy with ``changes`` applied; keys of ``method_kwargs`` may be given directly
-        only through :func:`with_setting`."""
+        """A copy with the config fields in ``changes`` replaced (validated again); method
+        settings go through :func:`with_setting`."""
         return dataclasses.replace(self, **changes)
 
     def run_name(self, ablated: tuple[str, ...] = ()) -> str:

@@ -158,6 +158,7 @@ class RunResult:
     device_name: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (the content of ``result.json``)."""
         return dict(self.__dict__)
 
 

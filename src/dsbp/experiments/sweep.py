@@ -67,6 +67,7 @@ class GridRun:
 
     @property
     def name(self) -> str:
+        """The run directory's name (see :meth:`RunConfig.run_name`)."""
         return self.cfg.run_name(self.ablated)
 
 
