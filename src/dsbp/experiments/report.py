@@ -79,7 +79,8 @@ def summarise(rows: Sequence[Mapping[str, Any]], varying: Sequence[str]) -> list
     """
     groups: dict[tuple, dict[str, Any]] = {}
     for r in rows:
-        settings = " ".join(f"{k}={r.get(k)}" for k in varying)
+        # A setting a method does not read (e.g. SGD under --ablate rank) is left out.
+        settings = " ".join(f"{k}={r.get(k)}" for k in varying if r.get(k) not in (None, ""))
         key = (r["dataset"], r["model"], r["method"], settings)
         g = groups.setdefault(key, {"dataset": key[0], "model": key[1], "method": key[2],
                                     "settings": settings, "n_ok": 0, "n_failed": 0,
