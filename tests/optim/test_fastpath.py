@@ -48,7 +48,7 @@ class Repeated(nn.Module):
         return self.out(h)
 
 
-def _pair(side, sharpness, **kw):
+def _pair(side, sharpness, stack=True, **kw):
     torch.manual_seed(0)
     m_ref = Repeated()
     m_fast = copy.deepcopy(m_ref)
@@ -56,14 +56,17 @@ def _pair(side, sharpness, **kw):
     p_ref = SpectralProjector(m_ref, **kwargs)
     p_ref._batched = False
     p_fast = SpectralProjector(m_fast, **kwargs)
+    # CPU default: fused per-layer products; stacking (the GPU policy) is forced here
+    p_fast._stack_max_numel = 2**30 if stack else 0
     return (m_ref, p_ref), (m_fast, p_fast)
 
 
 @pytest.mark.parametrize("side", ["output", "input"])
 @pytest.mark.parametrize("sharpness", [0.0, 0.5])
-def test_batched_projection_equals_reference_loop(fmnist_batch, side, sharpness):
+@pytest.mark.parametrize("stack", [True, False])
+def test_batched_projection_equals_reference_loop(fmnist_batch, side, sharpness, stack):
     x, y = fmnist_batch
-    (m_ref, p_ref), (m_fast, p_fast) = _pair(side, sharpness)
+    (m_ref, p_ref), (m_fast, p_fast) = _pair(side, sharpness, stack)
     for step in range(3):  # step 0 and 2 refresh, step 1 uses the cached stacked basis
         xb, yb = x[32 * step: 32 * step + 32], y[32 * step: 32 * step + 32]
         # same weights and bases in both arms, so only the projection itself is compared
@@ -85,7 +88,8 @@ def test_batched_projection_equals_reference_loop(fmnist_batch, side, sharpness)
         with torch.no_grad():
             for a in m_ref.parameters():
                 a.sub_(0.1 * a.grad)
-    assert len(getattr(p_fast, "_stack_cache", {})) >= 2  # the batched branch really ran
+    # the batched branch ran exactly when stacking was on
+    assert (len(getattr(p_fast, "_stack_cache", {})) >= 2) == stack
 
 
 def test_fast_path_matches_closed_form_on_a_group(fmnist_batch):
@@ -94,6 +98,7 @@ def test_fast_path_matches_closed_form_on_a_group(fmnist_batch):
     torch.manual_seed(1)
     m = Repeated()
     p = SpectralProjector(m, rank=3, interval=5, sharpness=0.3)
+    p._stack_max_numel = 2**30  # the stacked (GPU) policy on the CPU
     F.cross_entropy(m(x[:64]), y[:64]).backward()
     raw = {n: mod.weight.grad.clone() for n, mod in m.named_modules()
            if isinstance(mod, (nn.Linear, nn.Conv2d))}
@@ -119,6 +124,7 @@ def test_dsbp_training_trajectory_matches_reference(fmnist_batch):
     o_ref = DSBP(m_ref, torch.optim.SGD, rank=4, interval=3, lr=0.05, momentum=0.9)
     o_ref.projector._batched = False
     o_fast = DSBP(m_fast, torch.optim.SGD, rank=4, interval=3, lr=0.05, momentum=0.9)
+    o_fast.projector._stack_max_numel = 2**30
     for step in range(10):
         xb, yb = x[(12 * step) % 96:][:32], y[(12 * step) % 96:][:32]
         for m, o in ((m_ref, o_ref), (m_fast, o_fast)):

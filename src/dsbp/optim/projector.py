@@ -350,13 +350,14 @@ class SpectralProjector:
         """Whether stacking this gradient into a batched product is expected to be faster. [ours]
 
         On a GPU always (one kernel instead of several per layer; launches dominate). On a CPU
-        the stacking copies cost more memory traffic than the loop saves once a gradient is
-        larger than ``_stack_max_numel`` elements (default 2**16, measured on ResNet-18 in
-        benchmarks/step_overhead.py).
+        the stacking copies cost more than they save at every size measured (ResNet-18 width
+        0.25, ``project_`` alone: stacked 4.2 ms, fused per-layer 2.0 ms; width 1: 1.45x
+        slower stacked; benchmarks/projection_only.py), so CPU gradients take the fused
+        per-layer path unless they have at most ``_stack_max_numel`` elements (default 0).
         """
         if g.device.type != "cpu":
             return True
-        return g.numel() <= getattr(self, "_stack_max_numel", 2**16)
+        return g.numel() <= getattr(self, "_stack_max_numel", 0)
 
     def _refresh_only(self) -> None:
         """Warm-up step: refresh the bases that are due, leave every gradient as it is."""
