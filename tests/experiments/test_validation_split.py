@@ -112,3 +112,22 @@ def test_dsbp_switches_reach_the_projector(bundled):
              if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
     assert proj.layer_names() == convs[1:-1]  # first and last left out
     method.close()
+
+
+def test_dsbp_tuned_is_dsbp_with_the_recommended_switches(bundled):
+    from dsbp.experiments.build import DSBP_TUNED
+
+    cfg = RunConfig(dataset="bundled", model="cnn", method="dsbp_tuned", subset=100,
+                    model_kwargs={"width": 4}, method_kwargs={"rank": 3})
+    data = load_data(cfg, torch.device("cpu"), dataset=bundled)
+    ctx = BuildContext(loss_fn=torch.nn.functional.cross_entropy, train=data.train,
+                       device=torch.device("cpu"), num_classes=10)
+    proj = build_method(build_model_for(cfg, data), cfg, ctx).optimizer.projector
+    assert (proj.rank, proj.residual, proj.rescale, proj.side) == (
+        3, DSBP_TUNED["residual"], DSBP_TUNED["rescale"], "output")
+    # method_kwargs override the recommendation
+    cfg2 = cfg.replace(method_kwargs={"residual": 0.0, "rescale": False})
+    proj2 = build_method(build_model_for(cfg2, data), cfg2, ctx).optimizer.projector
+    assert (proj2.residual, proj2.rescale) == (0.0, False)
+    proj.remove()
+    proj2.remove()

@@ -323,6 +323,20 @@ def _dsbp_input(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     return _dsbp_method(model, cfg, side="input")
 
 
+# Issue 7's measured recommendation (docs/findings.md, results/issue7/report.md): DSBP plus a
+# damped step in the complement of the subspace (residual alpha = 0.3) and the projected part
+# rescaled to the gradient's norm. [ours] Chosen on the validation split of CPU subsets;
+# method_kwargs override any of it (and set k, p, beta as for ``dsbp``).
+DSBP_TUNED = {"residual": 0.3, "rescale": True}
+
+
+@register_method("dsbp_tuned", settings=(*_DSBP_SETTINGS, *_DSBP_SWITCHES),
+                 description="DSBP, output side, with issue 7's measured switches "
+                 "(residual 0.3, rescale)")
+def _dsbp_tuned(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
+    return _dsbp_method(model, cfg, side="output", defaults=DSBP_TUNED)
+
+
 @register_method("lora", settings=("rank", "alpha"),
                  description="LoRA (peft) at rank k on every Linear/Conv layer but the "
                  "classifier, which trains in full; SGD on the trainable parameters")
