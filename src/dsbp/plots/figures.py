@@ -151,11 +151,11 @@ def make_figures(paths: Sequence[str | Path], out: str | Path, which: Sequence[s
     if "1a" in which:
         made.append(_epoch_figure(
             plt, groups, "alignment/energy_kept/mean",
-            "gradient energy kept ||E E^T G|| / ||G|| (fraction, layer mean)",
+            "energy kept ||E E^T G|| / ||G|| (layer mean)",
             "Fig. 1a: gradient / spectral-subspace alignment", out / "fig1a_alignment.png"))
     if "1b" in which:
         made.append(_epoch_figure(
-            plt, groups, "hessian/top_eigenvalue", "top Hessian eigenvalue (loss units / weight^2)",
+            plt, groups, "hessian/top_eigenvalue", "top Hessian eigenvalue (nats / weight unit^2)",
             "Fig. 1b: sharpness during training", out / "fig1b_hessian.png"))
     if "2" in which:
         made.append(_fig2(plt, groups, out / "fig2_stratification.png"))
@@ -183,7 +183,7 @@ def make_figures(paths: Sequence[str | Path], out: str | Path, which: Sequence[s
                 [s["variance"] for s in d["activation_spectra"]])))
         ax.set_yscale("log")
         ax.set_xlabel("layer index (Linear / Conv2d, input to output)")
-        ax.set_ylabel("variance of top-k eigenvalues of C_l / tr C_l (dimensionless)")
+        ax.set_ylabel("variance of top-k eigenvalues of C_l / tr C_l")
         ax.set_title("Fig. 3b: eigenvalue variance by layer")
         ax.legend(fontsize=8)
         made.append(out / "fig3b_eigvar.png")
