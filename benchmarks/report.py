@@ -48,6 +48,18 @@ def overhead() -> list[str]:
     return out + [""] + envs
 
 
+def projection() -> list[str]:
+    r = _load("projection_only_cpu.json")
+    if r is None:
+        return ["(not run)"]
+    out = ["| model | fast path (ms) | reference loop (ms) | loop / fast |",
+           "|---|---|---|---|"]
+    for case, c in r["cases"].items():
+        out.append(f"| {case} | {1e3 * c['fast_s']['median']:.2f} | "
+                   f"{1e3 * c['loop_s']['median']:.2f} | {c['loop_over_fast']:.2f}x |")
+    return out + ["", f"- {_env(r['env'])}; `{r['command']}`"]
+
+
 def memory() -> list[str]:
     r = _load("subspace_memory_cpu.json")
     if r is None:
@@ -101,7 +113,8 @@ def scaling() -> list[str]:
 
 
 def main() -> None:
-    parts = {"overhead": overhead, "memory": memory, "curves": curves, "scaling": scaling}
+    parts = {"overhead": overhead, "projection": projection, "memory": memory,
+             "curves": curves, "scaling": scaling}
     names = sys.argv[1:] or list(parts)
     for n in names:
         print(f"<!-- {n} -->")
