@@ -80,10 +80,13 @@ def _plot_mean(ax: Any, label: str, curves: list[tuple[np.ndarray, np.ndarray]],
 
 def _epoch_figure(plt: Any, groups: dict[str, list[Run]], key: str, ylabel: str, title: str,
                   path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     for label, runs in groups.items():
         _plot_mean(ax, label, [r.series("eval", "epoch", key) for r in runs])
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -139,6 +142,7 @@ def make_figures(paths: Sequence[str | Path], out: str | Path, which: Sequence[s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     bad = [w for w in which if w not in FIGURES]
     if bad:
@@ -182,6 +186,7 @@ def make_figures(paths: Sequence[str | Path], out: str | Path, which: Sequence[s
                 [s["index"] for s in d["activation_spectra"]],
                 [s["variance"] for s in d["activation_spectra"]])))
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer index (Linear / Conv2d, input to output)")
         ax.set_ylabel("variance of top-k eigenvalues of C_l / tr C_l")
         ax.set_title("Fig. 3b: eigenvalue variance by layer")
