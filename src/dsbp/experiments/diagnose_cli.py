@@ -170,6 +170,9 @@ def diagnose_run(
                                                        num_classes=data.num_classes))
         method.load_state_dict(ckpt["method"])
         projector = getattr(method.optimizer, "projector", None)
+        # Hooks off: diagnostics only read the restored bases (they capture nothing in eval
+        # mode anyway).
+        method.close()
     except Exception as err:  # noqa: BLE001 - a method we cannot rebuild only loses figure 2's basis
         print(f"note: method state not restored ({err}); figure 2 uses activation eigenvectors")
     batch_list = []
