@@ -96,10 +96,11 @@ def summarise(rows: Sequence[Mapping[str, Any]], varying: Sequence[str]) -> list
     return list(groups.values())
 
 
-def _config_lines(configs: Sequence[RunConfig]) -> list[str]:
+def _config_lines(configs: Sequence[RunConfig], varying: Sequence[str] = ()) -> list[str]:
     """Markdown lines: settings shared by every run, then per method what differs from them.
 
-    Method kwargs are shown only for the methods that read them (per the method registry).
+    Method kwargs are shown only for the methods that read them (per the method registry);
+    the ablated settings (``varying``) are in the results table, not here.
     """
     from dsbp.experiments.build import METHODS
 
@@ -109,7 +110,7 @@ def _config_lines(configs: Sequence[RunConfig]) -> list[str]:
                           "checkpoint_every")}
         spec = METHODS.get(c.method)
         d.update({k: v for k, v in c.method_kwargs.items() if spec is None or k in spec.settings})
-        return {k: json.dumps(v, sort_keys=True) for k, v in d.items()}
+        return {k: json.dumps(v, sort_keys=True) for k, v in d.items() if k not in varying}
 
     per = [settings(c) for c in configs]
     common = {k: v for k, v in per[0].items() if all(p.get(k) == v for p in per)}
@@ -119,6 +120,8 @@ def _config_lines(configs: Sequence[RunConfig]) -> list[str]:
         own = ", ".join(f"`{k}={v}`" for k, v in p.items() if k not in common)
         seen.setdefault(c.method, own)
     lines += [f"- {m}: {own or 'nothing else'}" for m, own in seen.items()]
+    if varying:
+        lines += ["", "Ablated (values per row of the table): " + ", ".join(varying)]
     return lines
 
 
@@ -186,7 +189,7 @@ def write_report(
             f"{claim:.1f} (paper's claim)" if claim is not None else ""]
         lines.append("| " + " | ".join(cells) + " |")
     if configs:
-        lines += ["", "## Configuration", ""] + _config_lines(configs)
+        lines += ["", "## Configuration", ""] + _config_lines(configs, varying)
     lines += [
         "",
         "## The paper's claimed accuracies (METHOD.md §4)",

@@ -255,7 +255,7 @@ def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, 
 
     Args:
         out: a sweep's output folder.
-        meta: overrides of ``out/bench.json`` (command, preset, label...).
+        meta: overrides of ``out/bench.json`` (command, preset, label...), saved into it.
 
     Returns:
         ``{"csv": ..., "report": ..., "plots": [...]}`` paths.
@@ -265,7 +265,9 @@ def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, 
 
     out = Path(out)
     info = json.loads((out / "bench.json").read_text()) if (out / "bench.json").exists() else {}
-    info.update(meta or {})
+    if meta:  # e.g. `dsbp report --label`: kept, so the next remake shows it too
+        info.update(meta)
+        atomic.write_json(out / "bench.json", info)
     rows, varying = collect_rows(out)
     write_results_csv(out / "results.csv", rows, varying)
     run_dirs = sorted(p for p in (out / "runs").iterdir() if (p / "config.json").exists())
