@@ -94,3 +94,21 @@ def test_trackers_record_into_eval_records(tmp_path, bundled):
     a = torch.load(tmp_path / "tracked" / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["sam", "dsbp"])
+def test_bf16_autocast_trains(tmp_path, bundled, method):
+    res = run(_cfg(method, amp="bf16"), tmp_path, progress=False, dataset=bundled)
+    assert res.status == "ok" and res.steps == 2
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    # Autocast changes the compute dtype only: parameters stay float32 and finite.
+    for k, v in ckpt["model"].items():
+        if v.dtype.is_floating_point:
+            assert v.dtype == torch.float32 and torch.isfinite(v).all(), k
+
+
+def test_fp16_needs_cuda(tmp_path, bundled):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU error message")
+    with pytest.raises(ValueError, match="fp16"):
+        run(_cfg("sgd", amp="fp16"), tmp_path, progress=False, dataset=bundled)
