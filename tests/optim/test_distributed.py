@@ -26,6 +26,7 @@ STEPS, LOCAL, WORLD = 5, 16, 2
 CONFIGS = {  # name -> projector kwargs
     "exact_cold_start": {},
     "power_cold_start": {"exact_threshold": 0, "cold_iters": 40},
+    "energy_rank": {"energy": 0.9},  # rank chosen per layer from the (global) spectrum
 }
 
 
@@ -123,6 +124,8 @@ def test_two_gloo_ranks_match_each_other_and_the_concatenated_batch(tmp_path):
             for k in a["weights"]:
                 assert torch.equal(a["weights"][k], b["weights"][k]), (name, k)
             assert a["refreshes"] == 3 * 3  # 3 layers x refreshes at steps 0, 2, 4
+            if name == "energy_rank":  # the energy rule really picked ranks below k = 3
+                assert min(E.shape[1] for E in a["bases"].values()) < 3
             torch.manual_seed(0)
             net = Net()
             init = {k: v.clone() for k, v in net.state_dict().items()}

@@ -132,6 +132,12 @@ class DistributedSpectralProjector(SpectralProjector):
             dist.broadcast(evals, src=self._src, group=self.group)
         st.block, st.eigenvalues = V, evals
         st.trace = torch.tensor(tr, dtype=self.eig_dtype, device=dev)
+        # the same bookkeeping as SpectralProjector._refresh (kept in step with it; evals and
+        # trace are identical on every rank, so the energy-threshold rank is too)
+        if getattr(self, "energy", None) is not None:
+            frac = torch.cumsum(evals.clamp(min=0), 0) / st.trace
+            r = int(torch.searchsorted(frac, frac.new_tensor(self.energy - 1e-12)).item()) + 1
+            st.k_active = max(1, min(r, st.rank, V.shape[1]))
         st.refreshes += 1
         st.last_refresh = self.step
 
