@@ -80,3 +80,46 @@ def test_regression_net_runs_and_reports_consistent_parts(one_thread):
         assert math.isclose(err, abs(a - b))
     with pytest.raises(ValueError, match="refresh"):
         regression_net_weak_error(refresh="sometimes")
+
+
+def test_regression_net_building_blocks_match_torch_and_core():
+    # The batched net's per-sample gradients, projection and sharpness term against an
+    # nn.Sequential with the same weights and dsbp.core.projection.
+    from torch import nn
+
+    from dsbp.core.projection import project, sharpness_term
+    from dsbp.diagnostics.sde import _RegressionNet
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    Y = torch.randn(6, generator=g, dtype=torch.float64)
+    net = _RegressionNet(X, Y, hidden=4, k=2, beta=0.1)
+    th = torch.randn(2, net.dim, generator=g, dtype=torch.float64)
+    seq = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    W1, b1, w2, b2 = net.split(th)
+    with torch.no_grad():
+        seq[0].weight.copy_(W1[1])
+        seq[0].bias.copy_(b1[1])
+        seq[2].weight.copy_(w2[1][None])
+        seq[2].bias.copy_(b2[1][None])
+    j = 4  # per-sample gradient of sample j on path 1 = weighted gradient with weight e_j
+    loss = 0.5 * (seq(X[j : j + 1])[0, 0] - Y[j]) ** 2
+    ref = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(seq.parameters()))])
+    w = torch.zeros(2, 6, dtype=torch.float64)
+    w[1, j] = 1.0
+    torch.testing.assert_close(net.weighted_grad(th, w)[1], ref)
+    # Basis: top eigenvectors of layer 1's output covariance Z^T Z.
+    Z = X @ W1[1].T + b1[1]
+    E, lam = net.basis(th)
+    vals, vecs = torch.linalg.eigh(Z.T @ Z)
+    P_ref = vecs[:, -2:] @ vecs[:, -2:].T
+    torch.testing.assert_close(E[1] @ E[1].T, P_ref)
+    torch.testing.assert_close(lam[1], vals[-1] / vals.sum())
+    G = torch.randn(2, net.dim, generator=g, dtype=torch.float64)
+    out = net.project(G, E)
+    G1 = G[1, : net.nW1].view(4, 3)
+    torch.testing.assert_close(out[1, : net.nW1].view(4, 3), project(G1, E[1], "output"))
+    torch.testing.assert_close(out[1, net.nW1 :], G[1, net.nW1 :])  # rest unprojected
+    s = net.sharpness(th, E, lam)
+    torch.testing.assert_close(s[1, : net.nW1].view(4, 3),
+                               0.1 * sharpness_term(W1[1], E[1][:, 0], lam[1], "output"))
