@@ -94,3 +94,41 @@ def test_resume_of_a_finished_run_returns_its_result(tmp_path, bundled):
     again = run(cfg, tmp_path, resume=True, progress=False, dataset=bundled)
     assert again == first
     assert (tmp_path / "checkpoint.pt").stat().st_mtime_ns == mtime  # not retrained
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_exact(tmp_path, bundled):
+    """A real kill: the child process SIGKILLs itself after step 17 (no cleanup runs)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dsbp
+
+    cfg = _config("dsbp")
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    child = (
+        "import os, signal, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from dsbp.experiments.config import RunConfig\n"
+        "from dsbp.experiments.run import run\n"
+        "cfg = RunConfig.from_json(open(sys.argv[1]).read())\n"
+        "def cb(state):\n"
+        f"    if state.step == {KILL_AFTER}:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "run(cfg, sys.argv[2], progress=False, callbacks=[cb])\n"
+    )
+    src = str(Path(dsbp.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", child, str(tmp_path / "cfg.json"),
+                           str(tmp_path / "part")], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    resumed = run(cfg, tmp_path / "part", resume=True, progress=False, dataset=bundled)
+    full = run(cfg, tmp_path / "full", progress=False, dataset=bundled)
+    assert (resumed.test_acc, resumed.test_loss) == (full.test_acc, full.test_loss)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _strip_clock(read_jsonl(tmp_path / "part" / "metrics.jsonl")) == _strip_clock(
+        read_jsonl(tmp_path / "full" / "metrics.jsonl"))
