@@ -11,7 +11,8 @@ Reads only run directories (``config.json``, ``metrics.jsonl``, and the
   coordinates, before and after projection onto the rank-k subspace (``dsbp diagnose``).
 - 3a ``fig3a_landscape.png``: 1-D loss slices along a filter-normalised random direction and the
   top Hessian eigenvector.
-- 3b ``fig3b_eigvar.png``: variance of the top-k normalised activation eigenvalues by layer index.
+- 3b ``fig3b_eigvar.png``: variance of the top-k normalised activation eigenvalues by layer index
+  [ours: our reading of the paper's "eigenvalue variance across layer index"].
 - 4 ``fig4_perturbation.png``: loss increase vs relative perturbation radius.
 
 Every figure draws one curve (mean over seeds, shaded +- std where there are several) per
