@@ -205,3 +205,29 @@ def test_state_bytes_counts_wrapped_base_optimizers():
 
     sam.step(closure)
     assert state_bytes(sam) == momentum
+
+
+def test_conv_weights_keep_state_in_basis_coordinates(fmnist_batch):
+    """Conv2d (viewed as C_out x C_in*kh*kw): fixed basis => W_t = W_0 + E Z_t, Z from Adam."""
+    x, y = fmnist_batch
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                        nn.Flatten(), nn.Linear(128, 10))
+    conv = net[0]
+    W0 = conv.weight.detach().clone()
+    opt = SubspaceAdam(net, lr=1e-2, weight_decay=0.0, rank=3, interval=10**6, sharpness=0.0)
+    grads = []
+    for t in range(4):
+        opt.zero_grad()
+        F.cross_entropy(net(x[16 * t: 16 * t + 16]), y[16 * t: 16 * t + 16]).backward()
+        grads.append(conv.weight.grad.reshape(8, 9).clone())
+        opt.step()
+    E = opt.projector.basis(conv)  # (8, 3): output channels
+    assert opt.state[conv.weight]["exp_avg"].shape == (3, 9)
+    Z = torch.zeros(3, 9, requires_grad=True)
+    ref = torch.optim.Adam([Z], lr=1e-2)
+    for G in grads:
+        Z.grad = E.T @ G
+        ref.step()
+    want = W0 + (E @ Z).detach().view_as(W0)
+    assert torch.allclose(conv.weight, want, rtol=1e-5, atol=1e-6)
