@@ -212,7 +212,11 @@ def train(
                     return loss
 
                 if method.closure_step:
-                    optimizer.step(closure)
+                    if scaler is not None:  # SAM unscales before its ascent and base step
+                        optimizer.step(closure, scaler=scaler)
+                        scaler.update()
+                    else:
+                        optimizer.step(closure)
                     loss_value = float(first["loss"])
                 else:
                     closure()
