@@ -39,9 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsbp.core.covariance import covariance, subsample_rows, trace_of_covariance
+from dsbp.core.covariance import covariance, trace_of_covariance
 from dsbp.core.eigen import block_power_iteration, top_eigh
-from dsbp.layers import adapters
 from dsbp.layers.state import LayerState
 from dsbp.optim.dsbp import DSBP
 from dsbp.optim.projector import SpectralProjector
@@ -92,54 +91,42 @@ class DistributedSpectralProjector(SpectralProjector):
         V0 = torch.randn(d, b, generator=self._generator(st, 0), dtype=A.dtype).to(A.device)
         return block_power_iteration(matvec, V0, self.cold_iters)
 
-    def _refresh(self, st: LayerState, grad: torch.Tensor) -> None:
-        rows, st.rows, st.captures = st.rows, [], 0
-        d = adapters.dim(st.module, st.side)
-        dev = st.module.weight.device
-        with torch.autocast(device_type=dev.type, enabled=False):
-            if rows:
-                A = torch.cat(rows).to(self.eig_dtype)
-                A = subsample_rows(A, self.max_rows, self._generator(st, 0))
-            else:
-                A = torch.zeros(0, d, dtype=self.eig_dtype, device=dev)
-            # one collective for all the branch decisions: every rank sees the same numbers
-            flags = torch.stack([
-                torch.tensor(float(not rows), device=dev, dtype=torch.float64),
-                (~torch.isfinite(A)).sum().to(torch.float64),
-                (~torch.isfinite(grad)).sum().to(torch.float64),
-                trace_of_covariance(A).to(torch.float64),
-            ])
-            missing, bad_a, bad_g, tr = self._all_reduce(flags).tolist()
-            if missing > 0:
-                self._warn(st, "refresh due but some rank captured no activations (was the "
-                           "forward pass run in train mode with grad enabled?); keeping the old "
-                           "basis")
-                return
-            if bad_a > 0:
-                self._warn(st, "non-finite activations on some rank; refresh skipped, old basis "
-                           "kept")
-                return
-            if bad_g > 0:
-                self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
-                return
-            if not tr > 0:
-                self._warn(st, "all captured activations are zero; refresh skipped")
-                return
-            b = min(d, min(st.rank, d) + self.oversample)
-            evals, V = self._eigensolve(st, A, b)
-            V, evals = V.contiguous(), evals.contiguous()
-            dist.broadcast(V, src=self._src, group=self.group)
-            dist.broadcast(evals, src=self._src, group=self.group)
-        st.block, st.eigenvalues = V, evals
-        st.trace = torch.tensor(tr, dtype=self.eig_dtype, device=dev)
-        # the same bookkeeping as SpectralProjector._refresh (kept in step with it; evals and
-        # trace are identical on every rank, so the energy-threshold rank is too)
-        if getattr(self, "energy", None) is not None:
-            frac = torch.cumsum(evals.clamp(min=0), 0) / st.trace
-            r = int(torch.searchsorted(frac, frac.new_tensor(self.energy - 1e-12)).item()) + 1
-            st.k_active = max(1, min(r, st.rank, V.shape[1]))
-        st.refreshes += 1
-        st.last_refresh = self.step
+    def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor
+                       ) -> torch.Tensor | None:
+        """The single-process checks, agreed across ranks in one collective.
+
+        Every rank sees the same flags and the same summed trace, so no rank skips a
+        collective that the others enter.
+        """
+        flags = torch.stack([
+            torch.tensor(float(A.shape[0] == 0), device=A.device, dtype=torch.float64),
+            (~torch.isfinite(A)).sum().to(torch.float64),
+            (~torch.isfinite(grad)).sum().to(torch.float64),
+            trace_of_covariance(A).to(torch.float64),
+        ])
+        missing, bad_a, bad_g, tr = self._all_reduce(flags).tolist()
+        if missing > 0:
+            self._warn(st, "refresh due but some rank captured no activations (was the "
+                       "forward pass run in train mode with grad enabled?); keeping the old basis")
+            return None
+        if bad_a > 0:
+            self._warn(st, "non-finite activations on some rank; refresh skipped, old basis kept")
+            return None
+        if bad_g > 0:
+            self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
+            return None
+        if not tr > 0:
+            self._warn(st, "all captured activations are zero; refresh skipped")
+            return None
+        return torch.tensor(tr, dtype=self.eig_dtype, device=A.device)
+
+    def _commit(self, st: LayerState, V: torch.Tensor, evals: torch.Tensor, tr: torch.Tensor
+                ) -> None:
+        """Broadcast rank 0's basis (bit-identical bases everywhere), then the usual bookkeeping."""
+        V, evals = V.contiguous(), evals.contiguous()
+        dist.broadcast(V, src=self._src, group=self.group)
+        dist.broadcast(evals, src=self._src, group=self.group)
+        super()._commit(st, V, evals, tr)
 
 
 class DistributedDSBP(DSBP):

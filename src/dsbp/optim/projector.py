@@ -271,27 +271,51 @@ class SpectralProjector:
         return block_power_iteration(gram_matvec(A), V0, self.cold_iters)
 
     def _refresh(self, st: LayerState, grad: torch.Tensor) -> None:
+        """Recompute one layer's basis from its captured rows (or keep it, with a warning).
+
+        Three steps a subclass can override one at a time: :meth:`_checked_trace` (is this
+        refresh healthy? the distributed projector agrees on it across ranks),
+        :meth:`_eigensolve`, and :meth:`_commit` (the bookkeeping, shared by all).
+        """
         rows, st.rows, st.captures = st.rows, [], 0
-        if not rows:
-            self._warn(st, "refresh due but no activations were captured (was the "
-                       "forward pass run in train mode with grad enabled?); keeping the old basis")
-            return
-        with torch.autocast(device_type=rows[0].device.type, enabled=False):
-            A = torch.cat(rows).to(self.eig_dtype)
-            A = subsample_rows(A, self.max_rows, self._generator(st, 0))
-            if not bool(torch.isfinite(A).all()):
-                self._warn(st, "non-finite activations; refresh skipped, old basis kept")
-                return
-            if not bool(torch.isfinite(grad).all()):
-                self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
-                return
-            tr = trace_of_covariance(A)
-            if tr <= 0:
-                self._warn(st, "all captured activations are zero; refresh skipped")
+        dev = st.module.weight.device
+        with torch.autocast(device_type=dev.type, enabled=False):
+            if rows:
+                A = torch.cat(rows).to(self.eig_dtype)
+                A = subsample_rows(A, self.max_rows, self._generator(st, 0))
+            else:
+                d = adapters.dim(st.module, st.side)
+                A = torch.zeros(0, d, dtype=self.eig_dtype, device=dev)
+            tr = self._checked_trace(st, A, grad)
+            if tr is None:
                 return
             d = A.shape[1]
             b = min(d, min(st.rank, d) + self.oversample)
             evals, V = self._eigensolve(st, A, b)
+        self._commit(st, V, evals, tr)
+
+    def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor
+                       ) -> torch.Tensor | None:
+        """``trace(A^T A)`` if the refresh may go ahead, else None after a warning naming why."""
+        if A.shape[0] == 0:
+            self._warn(st, "refresh due but no activations were captured (was the "
+                       "forward pass run in train mode with grad enabled?); keeping the old basis")
+            return None
+        if not bool(torch.isfinite(A).all()):
+            self._warn(st, "non-finite activations; refresh skipped, old basis kept")
+            return None
+        if not bool(torch.isfinite(grad).all()):
+            self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
+            return None
+        tr = trace_of_covariance(A)
+        if not tr > 0:
+            self._warn(st, "all captured activations are zero; refresh skipped")
+            return None
+        return tr
+
+    def _commit(self, st: LayerState, V: torch.Tensor, evals: torch.Tensor, tr: torch.Tensor
+                ) -> None:
+        """Store a new basis and do the per-refresh bookkeeping (energy rank, counters)."""
         st.block, st.eigenvalues, st.trace = V, evals, tr
         if self.energy is not None:
             frac = torch.cumsum(evals.clamp(min=0), 0) / tr
