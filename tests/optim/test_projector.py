@@ -256,3 +256,16 @@ def test_missing_capture_warns_instead_of_failing(convnet, fmnist_batch):
         warnings.simplefilter("error")
         one_step(convnet, proj, x, y)  # next step captures and refreshes normally
     assert proj.num_refreshes() == len(proj.layer_names())
+
+
+def test_refresh_now_computes_bases_without_projecting_or_stepping(convnet, fmnist_batch):
+    x, _ = fmnist_batch
+    proj = SpectralProjector(convnet, rank=3, max_rows=10**6, eig_dtype=torch.float64)
+    ref = explicit_rows(convnet, x, "output")
+    convnet(x)  # no backward: no gradients at all
+    proj.refresh_now()
+    assert proj.step == 0
+    assert all(p.grad is None for p in convnet.parameters())
+    for name, A in ref.items():
+        top = torch.linalg.eigh(A.T @ A)[1][:, -3:]
+        assert principal_angles(proj.basis(name), top).max().item() < 1e-6

@@ -76,8 +76,9 @@ def activation_bases(
     projector's capture condition, and what DSBP sees during training) through
     ``torch.func.functional_call`` on detached parameters and *copies* of the buffers, so
     BatchNorm running statistics are never written (not even in place and restored, which
-    would break an autograd graph that saved them, e.g. MAML's); the training flag and every
-    ``.grad`` are restored. The result is detached: no gradient flows through the eigensolver.
+    would break an autograd graph that saved them, e.g. MAML's); the training flag is
+    restored and no ``.grad`` is touched. The result is detached: no gradient flows through
+    the eigensolver.
 
     Args:
         model: the network at the weights the bases belong to (``W0`` for transfer).
@@ -103,16 +104,10 @@ def activation_bases(
     proj = SpectralProjector(model, rank=rank, interval=1, side=side, sharpness=0.0,
                              max_rows=max_rows, layers=layers, seed=seed)
     names = proj.layer_names()
-    mods = [proj.layer_state(n).module for n in names]
-    saved_grads = [m.weight.grad for m in mods]
     was_training = model.training
     own = {k: v.detach() for k, v in model.named_parameters()}
     own.update({k: v.detach() for k, v in (params or {}).items()})
     try:
-        for m in mods:
-            # project_() refreshes a layer only when it has a gradient; a zero one (finite,
-            # projected to zero with sharpness 0) triggers the refresh and is discarded after.
-            m.weight.grad = torch.zeros_like(m.weight)
         model.train()
         seen = 0
         with torch.enable_grad():
@@ -123,12 +118,10 @@ def activation_bases(
                 seen += 1
         if seen == 0:
             raise ValueError("activation_bases needs at least one input batch")
-        proj.project_()  # step 0: every layer refreshes from the captured rows
+        proj.refresh_now()  # a new projector is due at once: every layer captured rows
         out = {n: proj.basis(n).detach().clone() for n in names}
     finally:
         proj.remove()
-        for m, g in zip(mods, saved_grads, strict=True):
-            m.weight.grad = g
         model.train(was_training)
     return out
 

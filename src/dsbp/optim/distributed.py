@@ -91,7 +91,7 @@ class DistributedSpectralProjector(SpectralProjector):
         V0 = torch.randn(d, b, generator=self._generator(st, 0), dtype=A.dtype).to(A.device)
         return block_power_iteration(matvec, V0, self.cold_iters)
 
-    def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor
+    def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor | None
                        ) -> torch.Tensor | None:
         """The single-process checks, agreed across ranks in one collective.
 
@@ -101,7 +101,8 @@ class DistributedSpectralProjector(SpectralProjector):
         flags = torch.stack([
             torch.tensor(float(A.shape[0] == 0), device=A.device, dtype=torch.float64),
             (~torch.isfinite(A)).sum().to(torch.float64),
-            (~torch.isfinite(grad)).sum().to(torch.float64),
+            (torch.zeros((), device=A.device) if grad is None
+             else (~torch.isfinite(grad)).sum()).to(torch.float64),
             trace_of_covariance(A).to(torch.float64),
         ])
         missing, bad_a, bad_g, tr = self._all_reduce(flags).tolist()

@@ -270,7 +270,7 @@ class SpectralProjector:
         V0 = V0.to(A.device)
         return block_power_iteration(gram_matvec(A), V0, self.cold_iters)
 
-    def _refresh(self, st: LayerState, grad: torch.Tensor) -> None:
+    def _refresh(self, st: LayerState, grad: torch.Tensor | None) -> None:
         """Recompute one layer's basis from its captured rows (or keep it, with a warning).
 
         Three steps a subclass can override one at a time: :meth:`_checked_trace` (is this
@@ -294,7 +294,19 @@ class SpectralProjector:
             evals, V = self._eigensolve(st, A, b)
         self._commit(st, V, evals, tr)
 
-    def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor
+    @torch.no_grad()
+    def refresh_now(self) -> None:
+        """Refresh every layer that has captured rows, from those rows, without projecting.
+
+        For computing bases outside a training step (e.g. source bases for transfer, or bases
+        of a trained model): run forward passes in train mode while a refresh is due (a new
+        projector is due at once), then call this. The step counter does not move.
+        """
+        for st in self._layers.values():
+            if st.rows:
+                self._refresh(st, st.module.weight.grad)
+
+    def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor | None
                        ) -> torch.Tensor | None:
         """``trace(A^T A)`` if the refresh may go ahead, else None after a warning naming why."""
         if A.shape[0] == 0:
@@ -304,7 +316,7 @@ class SpectralProjector:
         if not bool(torch.isfinite(A).all()):
             self._warn(st, "non-finite activations; refresh skipped, old basis kept")
             return None
-        if not bool(torch.isfinite(grad).all()):
+        if grad is not None and not bool(torch.isfinite(grad).all()):
             self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
             return None
         tr = trace_of_covariance(A)
