@@ -303,6 +303,11 @@ def _dsbp_method(model: nn.Module, cfg: RunConfig, side: str,
                  defaults: Mapping[str, Any] | None = None) -> Method:
     from dsbp import DSBP
 
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        # `dsbp bench --nproc N`: bases of the global batch, bit-identical on every rank
+        from dsbp.optim.distributed import DistributedDSBP as DSBP  # noqa: N814
+
     given = {**(defaults or {}), **cfg.method_kwargs}
     kw = {k: given[k] for k in _DSBP_SETTINGS if k in given}
     switches = {k: given[k] for k in _DSBP_SWITCHES if k in given}
