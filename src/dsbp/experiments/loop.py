@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,6 +118,32 @@ def evaluate(model: nn.Module, loader: Any, autocast: Callable[[], Any]) -> tupl
         n += y.numel()
     model.train(was_training)
     return float(loss_sum) / max(n, 1), correct / max(n, 1)
+
+
+def step_stats(first: dict[str, torch.Tensor], y: torch.Tensor) -> tuple[float, int, int]:
+    """Loss, correct predictions and examples of one step, over the global batch.
+
+    Under ``torch.distributed`` with more than one rank (``dsbp bench --nproc N``, every rank
+    holding an equal slice of the global batch) the three are all-reduced: the loss is the
+    mean of the ranks' mean losses, which is the global batch's mean; correct and examples are
+    summed. Every rank then sees the same loss, so all of them stop together on a non-finite
+    one. With one process this is just the local values.
+
+    Args:
+        first: the closure's first-pass ``{"loss": scalar, "logits": (B, classes)}``.
+        y: the (local) labels (B,).
+
+    Returns:
+        ``(loss, correct, n)``.
+    """
+    correct = (first["logits"].argmax(1) == y).sum()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(first["loss"]), int(correct), y.numel()
+    t = torch.stack([first["loss"].double(), correct.double(),
+                     torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    loss, c, n = t.tolist()
+    return loss / dist.get_world_size(), int(c), int(n)
 
 
 Tracker = Callable[..., dict[str, float]]
@@ -217,10 +244,11 @@ def train(
                         scaler.update()
                     else:
                         optimizer.step(closure)
-                    loss_value = float(first["loss"])
+                    loss_value, correct, n_seen = step_stats(first, y)
                 else:
                     closure()
-                    loss_value = float(first["loss"])
+                    # global over ranks before the finite check: every rank takes one branch
+                    loss_value, correct, n_seen = step_stats(first, y)
                     batch_kw = {"batch": (x, y)} if method.wants_batch else {}
                     if math.isfinite(loss_value):  # never step on a non-finite gradient
                         if scaler is not None:
@@ -239,8 +267,8 @@ def train(
                 state.step += 1
                 state.batch += 1
                 state.window_loss += loss_value
-                state.window_correct += int((first["logits"].argmax(1) == y).sum())
-                state.window_n += y.numel()
+                state.window_correct += correct
+                state.window_n += n_seen
                 state.window_steps += 1
                 # Windows restart at each epoch (the last one of an epoch may be shorter), so
                 # no record mixes two epochs or covers a single stray step.
