@@ -14,10 +14,17 @@ rewritten together with each checkpoint, so after an interruption the two agree;
 continues from the checkpoint (mid-epoch, through the loader's ``iter_epoch(epoch,
 start_batch)``) and ends with the same weights and metrics as an uninterrupted run, bit for
 bit on CPU.
+
+Multi-process runs (``dsbp bench --nproc N``, ``N`` processes with ``torch.distributed``
+initialised, e.g. by :func:`dsbp.optim.distributed.launch`): every rank builds the same data,
+model and method from the same seed, takes its contiguous slice of each global batch
+(:class:`RankShard`, so a step sees the same global batch as one process) and trains the model
+wrapped in ``DistributedDataParallel``; only rank 0 writes files. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import random
@@ -32,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from dsbp.experiments import atomic
 from dsbp.experiments.build import (
@@ -96,10 +105,105 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
+        "world_size": world()[1],
         "dsbp": dsbp.__version__,
         **git_commit(),
         "argv": sys.argv,
     }
+
+
+# ----------------------------------------------------------------------------- processes
+# Methods whose update is a function of the (DDP-averaged) gradient alone, so that N ranks on
+# slices of the global batch step like one process on all of it. SAM qualifies: DDP averages
+# both of its backward passes. Not listed (ValueError under --nproc > 1): lora (untested under
+# DDP), dom_sgd / bulk_sgd / interp_sgd (each rank would take its Hessian basis on its own
+# slice, so the ranks' weights would drift apart), and methods registered by plugins.
+DDP_METHODS = frozenset({"sgd", "adamw", "sam", "dsbp", "dsbp_input", "dsbp_tuned"})
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_writer() -> bool:
+    """True on the process that writes files: rank 0, or the only process."""
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when more than one rank runs; nothing otherwise."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def check_ddp(cfg: RunConfig, world_size: int) -> None:
+    """Raise ``ValueError`` if ``cfg`` cannot run on ``world_size`` data-parallel ranks.
+
+    Checked: the method is in :data:`DDP_METHODS`, ``batch_size`` is divisible by
+    ``world_size`` (each rank takes ``batch_size / world_size`` examples of every global
+    batch), and no diagnostics are tracked (the trackers are single-process code).
+    The last, shorter batch of an epoch is checked by :class:`RankShard` once the data is known.
+    """
+    if world_size == 1:
+        return
+    if cfg.method not in DDP_METHODS:
+        raise ValueError(f"method {cfg.method!r} is not supported with --nproc {world_size}; "
+                         f"supported: {sorted(DDP_METHODS)} (see docs/distributed.md)")
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by --nproc "
+                         f"{world_size}: every rank takes an equal slice of each global batch")
+    if cfg.track:
+        raise ValueError(f"--track {','.join(cfg.track)} is not supported with --nproc "
+                         f"{world_size}; run the diagnostics with --nproc 1")
+
+
+class RankShard:
+    """Rank ``rank``'s contiguous slice of every global batch of ``loader`` [ours].
+
+    Every rank holds the same seeded loader, so the global batch ``(B, ...)`` of each step is
+    the one a single process would see; rank r keeps rows ``[r B/W, (r+1) B/W)``. The DDP
+    average of the ranks' mean-loss gradients is then the global batch's mean-loss gradient.
+
+    Args:
+        loader: a loader with ``__len__`` and ``iter_epoch(epoch, start_batch)`` (a
+            :class:`~dsbp.data.loader.DeviceLoader`).
+        rank: this process's rank in ``[0, world_size)``.
+        world_size: number of ranks W.
+
+    Raises (from :meth:`iter_epoch`):
+        ValueError: a batch (e.g. the last, shorter one) whose size W does not divide.
+    """
+
+    def __init__(self, loader: Any, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.loader, self.rank, self.world_size = loader, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def iter_epoch(self, epoch: int, start_batch: int = 0):
+        """Yield this rank's ``(x, y)`` slice of each global batch from ``start_batch`` on."""
+        for x, y in self.loader.iter_epoch(epoch, start_batch=start_batch):
+            n, rem = divmod(y.shape[0], self.world_size)
+            if rem:
+                raise ValueError(
+                    f"a batch of {y.shape[0]} examples cannot be split evenly over "
+                    f"{self.world_size} processes (the last batch of an epoch holds "
+                    "n_train % batch_size examples); choose --subset or --batch-size so that "
+                    "it divides")
+            sl = slice(self.rank * n, (self.rank + 1) * n)
+            yield x[sl], y[sl]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper (else ``model`` itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 # ------------------------------------------------------------------------------------- RNG
@@ -227,8 +331,14 @@ def run(
         callbacks: called with the :class:`~dsbp.experiments.loop.TrainState` after every step.
         desc: progress-bar label (default: the directory name).
 
+    Under a process group of W > 1 ranks every rank must call this with the same arguments:
+    each trains on its slice of every global batch (:class:`RankShard`) with the model in
+    ``DistributedDataParallel`` (BatchNorm synchronised on CUDA only), and only rank 0 writes
+    files and shows a progress bar. Checkpoints hold the unwrapped model, so a run can be
+    resumed with another number of processes.
+
     Returns:
-        The :class:`RunResult` also written to ``result.json``.
+        The :class:`RunResult` also written to ``result.json`` (on every rank).
 
     Raises:
         FileExistsError: ``run_dir`` holds a run and ``resume`` is False.
@@ -248,21 +358,34 @@ def run(
         done = read_result(run_dir)
         if done is not None and done.status != "error":
             return done
+    rank, world_size = world()
+    check_ddp(cfg, world_size)
     device = resolve_device(cfg.device)
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()  # every rank has checked run_dir before rank 0 writes into it
     env = environment(device)
-    if env_path.exists() and ckpt_path.exists():
-        first = json.loads(env_path.read_text())
-        first.setdefault("resumes", []).append(env)
-        env = first
-    atomic.write_text(cfg_path, cfg.to_json() + "\n")
-    atomic.write_json(env_path, env)
+    if is_writer():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if env_path.exists() and ckpt_path.exists():
+            first = json.loads(env_path.read_text())
+            first.setdefault("resumes", []).append(env)
+            env = first
+        atomic.write_text(cfg_path, cfg.to_json() + "\n")
+        atomic.write_json(env_path, env)
 
     # ---- build: data, model (seeded init), method, schedule; then seed the training RNGs
     data = load_data(cfg, device, dataset)
+    if world_size > 1:
+        last = data.n_train % cfg.batch_size
+        if last % world_size:
+            raise ValueError(f"the last batch of each epoch holds {last} examples "
+                             f"({data.n_train} % {cfg.batch_size}), not divisible by --nproc "
+                             f"{world_size}; choose --subset or --batch-size so that it is")
+        data = dataclasses.replace(data, train=RankShard(data.train, rank, world_size))
     model = build_model_for(cfg, data).to(device)
+    if world_size > 1 and device.type == "cuda":  # SyncBatchNorm needs CUDA (torch 2.13)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loss_fn = build_loss(cfg)
     method = build_method(model, cfg, BuildContext(loss_fn=loss_fn, train=data.train,
                                                    device=device, num_classes=data.num_classes))
@@ -270,6 +393,11 @@ def run(
         method.close()
         raise ValueError(f"amp='fp16' is not supported for {cfg.method!r} (closure step); "
                          "use amp='bf16'")
+    if world_size > 1:  # gradients averaged over ranks in every backward (SAM: both passes)
+        from torch.nn.parallel import DistributedDataParallel
+
+        method.model = DistributedDataParallel(
+            method.model, device_ids=[device.index] if device.type == "cuda" else None)
     scheduler = build_schedule(method.optimizer, cfg, len(data.train))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     trackers = build_trackers(cfg.track, cfg)
@@ -281,7 +409,7 @@ def run(
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{ckpt_path}: checkpoint format {ckpt.get('format')!r}, "
                              f"expected {CHECKPOINT_FORMAT}")
-        method.model.load_state_dict(ckpt["model"])
+        unwrap(method.model).load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt["method"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None:
@@ -292,10 +420,12 @@ def run(
         set_rng_state(ckpt["rng"])
 
     def save(st: TrainState) -> None:
+        if not is_writer():
+            return
         atomic.write_jsonl(metrics_path, st.records)
         atomic.torch_save(ckpt_path, {
             "format": CHECKPOINT_FORMAT,
-            "model": method.model.state_dict(),
+            "model": unwrap(method.model).state_dict(),
             "method": method.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
@@ -307,13 +437,14 @@ def run(
     try:
         outcome = train(cfg, method=method, scheduler=scheduler, data=data, loss_fn=loss_fn,
                         state=state, device=device, save=save, trackers=trackers,
-                        callbacks=callbacks, scaler=scaler, progress=progress,
+                        callbacks=callbacks, scaler=scaler, progress=progress and is_writer(),
                         desc=desc if desc is not None else run_dir.name)
     finally:
         method.close()
-    atomic.write_jsonl(metrics_path, state.records)
     result = _result_from(state.records, outcome.status, outcome.message, env["device_name"])
-    atomic.write_json(run_dir / "result.json", result.to_dict())
+    if is_writer():
+        atomic.write_jsonl(metrics_path, state.records)
+        atomic.write_json(run_dir / "result.json", result.to_dict())
     return result
 
 
@@ -323,4 +454,5 @@ def load_config(run_dir: str | Path) -> RunConfig:
 
 
 __all__ = ["RunResult", "load_config", "read_result", "run", "write_error", "environment",
+           "DDP_METHODS", "RankShard", "barrier", "check_ddp", "is_writer", "unwrap", "world",
            "git_commit", "device_name", "rng_state", "set_rng_state", "seed_everything"]

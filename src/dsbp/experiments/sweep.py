@@ -10,6 +10,9 @@ Layout of ``out``::
 
 A diverging run stops with status ``diverged``; a run that raises is recorded with status
 ``error`` (traceback in its ``error.txt``); either way the rest of the grid goes on.
+
+Under a process group of several ranks (``dsbp bench --nproc N``) every rank calls
+:func:`bench` with the same grid; rank 0 alone writes files and logs.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from typing import Any
 from dsbp.experiments import atomic
 from dsbp.experiments.build import METHODS, get_method
 from dsbp.experiments.config import CONFIG_FIELDS, RunConfig, setting_value, with_setting
-from dsbp.experiments.run import RunResult, environment, read_result, run, write_error
+from dsbp.experiments.run import (
+    RunResult,
+    barrier,
+    environment,
+    is_writer,
+    read_result,
+    run,
+    write_error,
+)
 
 # Columns every results.csv has, in this order; ablated settings follow them.
 RESULT_COLUMNS = ("dataset", "model", "method", "seed", "epochs", "test_acc", "test_loss",
@@ -157,7 +168,9 @@ def run_grid(
     if not resume and runs_dir.exists() and any(runs_dir.iterdir()):
         raise FileExistsError(f"{runs_dir} already holds runs; pass --resume to continue them "
                               "or choose another --out")
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    barrier()  # every rank has checked `out` before rank 0 writes into it
+    if is_writer():
+        runs_dir.mkdir(parents=True, exist_ok=True)
     if loader is None:
         from dsbp.data import load_dataset
 
@@ -178,8 +191,14 @@ def run_grid(
         except KeyboardInterrupt:
             raise
         except Exception as err:  # a failing run is recorded; the grid goes on
+            if not is_writer():  # (the ranks raise alike: same config, same data)
+                results.append((gr, RunResult("error", math.nan, math.nan, 0.0, 0, 0,
+                                              f"{type(err).__name__}: {err}")))
+                continue
             res = write_error(rdir, gr.cfg, err, traceback.format_exc())
         results.append((gr, res))
+        if not is_writer():
+            continue
         extra = f" ({res.message})" if res.status != "ok" else ""
         log(f"{desc}: {res.status} test_acc={res.test_acc:.4f} test_loss={res.test_loss:.4f} "
             f"wall_s={res.wall_s:.1f}{extra}")
@@ -299,7 +318,8 @@ def bench(
         resume, progress, log: as for :func:`run_grid`.
 
     Returns:
-        ``{"results": [(GridRun, RunResult)...], "csv", "report", "plots"}``.
+        ``{"results": [(GridRun, RunResult)...], "csv", "report", "plots"}`` (ranks other
+        than 0 of a multi-process sweep: ``results`` only).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -309,8 +329,12 @@ def bench(
     info = {**dict(meta), "env": environment(resolve_device(device)),
             "seeds": sorted({r.cfg.seed for r in runs}), "runs": [r.name for r in runs]}
     # Do not clobber the record of an earlier sweep when resuming it.
-    if not (resume and (out / "bench.json").exists()):
+    exists = (out / "bench.json").exists()
+    barrier()  # every rank has looked before rank 0 writes
+    if is_writer() and not (resume and exists):
         atomic.write_json(out / "bench.json", info)
     results = run_grid(runs, out, resume=resume, progress=progress, log=log)
+    if not is_writer():  # other ranks: the results only (rank 0 writes the tables)
+        return {"results": results}
     made = finish(out)
     return {"results": results, **made}
