@@ -176,6 +176,83 @@ def stage_table(stage: str, lines: list[str]) -> dict[str, list[dict]]:
     return runs
 
 
+# ------------------------------------------------------------------------ robustness, targets
+def robustness(lines: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """Merge ``results/issue7/robustness/<stage>*.json`` into one table per stage."""
+    merged: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted((RES / "robustness").glob("*.json")):
+        for r in json.loads(path.read_text()):
+            stage = "final_fm" if r["dataset"] == "fashion_mnist" else "final_c10"
+            merged[stage][r["label"]].append(r)
+    for stage, groups in sorted(merged.items()):
+        keys = [k for k in next(iter(groups.values()))[0]
+                if k not in ("method", "seed", "dataset", "run", "label", "hessian_top")]
+        lines += [f"\n### Robustness, {stage}: test accuracy % on 500 test images "
+                  f"(mean ± std over seeds)\n",
+                  "| config (seeds) | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for label, rs in groups.items():
+            lines.append(f"| {label} ({len(rs)}) | "
+                         + " | ".join(fmt([r[k] for r in rs], 100) for k in keys) + " |")
+    return merged
+
+
+def targets(lines: list[str], rob: dict) -> None:
+    """The issue's four targets for the recommended configuration, per data set."""
+    timing_path = RES / "timing.json"
+    timing = {t["dataset"]: t for t in json.loads(timing_path.read_text())} \
+        if timing_path.exists() else {}
+    lines.append("\n## Targets (recommended = dsbp_res0.3_rescale = `dsbp_tuned`)\n")
+    lines += ["| data set | target | measured | met? |", "|---|---|---|---|"]
+    for stage, ds in (("final_fm", "fashion_mnist"), ("final_c10", "cifar10")):
+        runs = load_stage(stage)
+        tuned, sgd = runs.get("dsbp_res0.3_rescale", []), runs.get("sgd", [])
+        sam, sam2 = runs.get("sam", []), runs.get("sam_2ep", [])
+        if not tuned or not sgd:
+            continue
+        acc = {k: statistics.mean(r["test_acc"] for r in v)
+               for k, v in runs.items() if v}
+        sd = {k: (statistics.stdev([r["test_acc"] for r in v]) if len(v) > 1 else 0.0)
+              for k, v in runs.items() if v}
+        t = lambda k: f"{100 * acc[k]:.1f} ± {100 * sd[k]:.1f} ({len(runs[k])} seeds)"  # noqa
+        met = "yes" if acc["dsbp_res0.3_rescale"] >= acc["sgd"] else "no"
+        lines.append(f"| {ds} | test acc >= SGD at equal epochs | tuned "
+                     f"{t('dsbp_res0.3_rescale')} vs SGD {t('sgd')}, paper DSBP {t('dsbp')} | "
+                     f"{met} |")
+        tm = timing.get(ds, {}).get("methods", {})
+        if tm:
+            w, c = tm["dsbp_tuned"]["wall_ratio_to_sgd"], tm["dsbp_tuned"]["cpu_ratio_to_sgd"]
+            lines.append(f"| {ds} | wall-clock <= 1.1x SGD | {w:.2f}x (wall), {c:.2f}x (CPU time),"
+                         f" interleaved timing | {'yes' if w <= 1.1 else 'no'} |")
+        if sam2:
+            budget = ""
+            if tm:
+                r = 2 * tm["sam"]["wall_s_per_step"] / (3 * tm["dsbp_tuned"]["wall_s_per_step"])
+                budget = f"; SAM 2 epochs cost {r:.2f}x tuned's 3 epochs"
+            lines.append(f"| {ds} | >= SAM at equal wall-clock | tuned {t('dsbp_res0.3_rescale')}"
+                         f" vs SAM 2 epochs {t('sam_2ep')}{budget} | "
+                         f"{'yes' if acc['dsbp_res0.3_rescale'] >= acc['sam_2ep'] else 'no'} |")
+        if sam:
+            lines.append(f"| {ds} | (for reference) SAM at equal epochs | {t('sam')} | - |")
+        hs = {lab: [r["hessian_top"] for r in rob.get(stage, {}).get(lab, [])]
+              for lab in ("dsbp_res0.3_rescale", "sgd", "dsbp", "sam")}
+        if hs["dsbp_res0.3_rescale"] and hs["sgd"]:
+            lo = statistics.mean(hs["dsbp_res0.3_rescale"]) < statistics.mean(hs["sgd"])
+            extra = ", ".join(f"{k} {fmt(v, 1, 2)}" for k, v in hs.items()
+                              if v and k not in ("dsbp_res0.3_rescale", "sgd"))
+            lines.append(f"| {ds} | end top Hessian eigenvalue < SGD | tuned "
+                         f"{fmt(hs['dsbp_res0.3_rescale'], 1, 2)} vs SGD {fmt(hs['sgd'], 1, 2)}"
+                         f" ({extra}) | {'yes' if lo else 'no'} |")
+    if timing:
+        lines += ["\n### Interleaved step timing (`scripts/issue7_timing.py`)\n",
+                  "| data set | method | wall ms/step | x SGD | CPU ms/step | x SGD |",
+                  "|---|---|---|---|---|---|"]
+        for ds, tm in timing.items():
+            for k, v in tm["methods"].items():
+                lines.append(f"| {ds} | {k} | {1000 * v['wall_s_per_step']:.1f} | "
+                             f"{v['wall_ratio_to_sgd']:.2f} | {1000 * v['cpu_s_per_step']:.1f} | "
+                             f"{v['cpu_ratio_to_sgd']:.2f} |")
+
+
 def main() -> int:
     IMG.mkdir(parents=True, exist_ok=True)
     lines = [f"# Issue 7 tables ({LABEL})", "",
@@ -184,6 +261,8 @@ def main() -> int:
     for stage in sorted(p.name for p in RES.iterdir() if p.is_dir()
                         and p.name.startswith(("select_", "final_"))):
         stage_table(stage, lines)
+    rob = robustness(lines)
+    targets(lines, rob)
     (RES / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

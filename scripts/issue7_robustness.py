@@ -5,6 +5,7 @@ the model from ``config.json`` + ``checkpoint.pt`` and measure test accuracy
 
 - on the shifted streams of ``dsbp.data.shifts.apply_shift`` (rotate, noise, blur, contrast at
   severities 1, 3, 5), and
+- the end-of-training top Hessian eigenvalue (the harness's ``hessian`` tracker estimator), and
 - under L-infinity adversarial perturbations in pixel units ([0, 1] images, before the
   data set's normalisation): FGSM (one signed-gradient step of size eps) and PGD (``PGD_STEPS``
   steps of size ``2.5 eps / PGD_STEPS``, random start, projection onto the eps-ball and [0, 1]).
@@ -21,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -33,13 +35,15 @@ import torch.nn.functional as F
 from dsbp.data import load_dataset
 from dsbp.data.shifts import KINDS, apply_shift
 from dsbp.data.subset import balanced_subset
-from dsbp.experiments.build import RunData, build_model_for
+from dsbp.diagnostics.hessian import hessian_top_eigenvalues
+from dsbp.experiments.build import build_model_for, load_data
 from dsbp.experiments.config import RunConfig
+from dsbp.experiments.track import HESSIAN_BATCHES
 
-N_TEST = 1000
+N_TEST = 500
 SEVERITIES = (1, 3, 5)
-EPSILONS = (1 / 255, 2 / 255, 4 / 255)
-PGD_STEPS = 7
+EPSILONS = (2 / 255, 8 / 255, 16 / 255)
+PGD_STEPS = 5
 
 
 class Normalised(torch.nn.Module):
@@ -91,15 +95,20 @@ def evaluate_run(run_dir: Path, cache: dict) -> dict:
         x, y = balanced_subset(ds.x_test, ds.y_test, N_TEST, seed=0)
         cache[cfg.dataset] = (ds, x, y)
     ds, x_u8, y = cache[cfg.dataset]
-    shape = RunData(train=None, test=None, in_channels=int(x_u8.shape[1]),
-                    image_size=int(x_u8.shape[-1]), num_classes=len(ds.classes), n_train=0,
-                    n_test=0, source="")
-    model = build_model_for(cfg, shape)
+    data = load_data(cfg, torch.device("cpu"), dataset=ds)
+    model = build_model_for(cfg, data)
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(ckpt["model"])
     net = Normalised(model, ds.mean, ds.std).eval()
     out = {"method": cfg.method, "seed": cfg.seed, "dataset": cfg.dataset,
            "run": run_dir.name, "clean": accuracy(net, x_u8.float() / 255, y)}
+    # End-of-training sharpness: the harness's `hessian` tracker estimator (top eigenvalue of
+    # the training-loss Hessian on the first HESSIAN_BATCHES batches of epoch 0, Lanczos,
+    # fixed start vector), computed once from the final checkpoint.
+    batches = list(itertools.islice(data.train.iter_epoch(0), HESSIAN_BATCHES))
+    eig = hessian_top_eigenvalues(model, F.cross_entropy, batches, k=1,
+                                  generator=torch.Generator().manual_seed(0))
+    out["hessian_top"] = float(eig.eigenvalues[0])
     for kind in KINDS:
         for s in SEVERITIES:
             out[f"{kind}{s}"] = accuracy(net, apply_shift(x_u8, kind, s).float() / 255, y)
@@ -112,7 +121,8 @@ def evaluate_run(run_dir: Path, cache: dict) -> dict:
 
 
 def summarise(rows: list[dict], label_of) -> str:
-    """Markdown table: one row per method label, mean ± std over seeds (percent)."""
+    """Markdown table: one row per method label, mean ± std over seeds (accuracies in
+    percent; ``hessian_top`` as is)."""
     keys = [k for k in rows[0] if k not in ("method", "seed", "dataset", "run", "label")]
     groups = defaultdict(list)
     for r in rows:
@@ -122,7 +132,7 @@ def summarise(rows: list[dict], label_of) -> str:
     for label, rs in groups.items():
         cells = []
         for k in keys:
-            v = [100 * r[k] for r in rs]
+            v = [(1 if k == "hessian_top" else 100) * r[k] for r in rs]
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}")
         lines.append(f"| {label} ({len(rs)}) | " + " | ".join(cells) + " |")
@@ -133,6 +143,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stages", nargs="+", help="folders holding dsbp bench outputs (one per method)")
     ap.add_argument("--out", default="results/issue7/robustness")
+    ap.add_argument("--only", help="comma-separated configuration names (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the output files (parallel workers)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -143,14 +155,17 @@ def main() -> int:
         for run_dir in sorted(stage.glob("*/runs/*")):
             if not (run_dir / "result.json").exists():
                 continue
+            if args.only and run_dir.parent.parent.name not in args.only.split(","):
+                continue
             r = evaluate_run(run_dir, cache)
             r["label"] = run_dir.parent.parent.name  # the configuration name of the sweep
             print(json.dumps(r), flush=True)
             rows.append(r)
         if not rows:
             continue
-        (out / f"{stage.name}.json").write_text(json.dumps(rows, indent=1))
-        (out / f"{stage.name}.md").write_text(
+        stem = f"{stage.name}_{args.tag}" if args.tag else stage.name
+        (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+        (out / f"{stem}.md").write_text(
             f"# Robustness, {stage.name} (CPU subset: shows the trend, not the final figure)\n\n"
             f"Test accuracy (%) on {N_TEST} class-balanced test images; shifts at severities "
             f"{SEVERITIES}; FGSM / PGD-{PGD_STEPS} L-inf in pixel units.\n\n"
