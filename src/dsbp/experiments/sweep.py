@@ -288,7 +288,11 @@ def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, 
         info.update(meta)
         atomic.write_json(out / "bench.json", info)
     rows, varying = collect_rows(out)
-    write_results_csv(out / "results.csv", rows, varying)
+    from dsbp.experiments.prune import add_prune_rows, append_prune_report
+
+    # The pruning ablation (`dsbp bench --prune`): rows from runs/*/prune.json, if any.
+    all_rows, prune_cols = add_prune_rows(out, rows)
+    write_results_csv(out / "results.csv", all_rows, [*varying, *prune_cols])
     run_dirs = sorted(p for p in (out / "runs").iterdir() if (p / "config.json").exists())
     plots = [plot_learning_curves(run_dirs, out / "learning_curves.png"),
              plot_accuracy_vs_wallclock(run_dirs, out / "acc_vs_wallclock.png")]
@@ -296,6 +300,7 @@ def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, 
                           plots=[p.name for p in plots if p is not None],
                           configs=[RunConfig.from_json((d / "config.json").read_text())
                                    for d in run_dirs])
+    append_prune_report(report, out, all_rows)
     return {"csv": out / "results.csv", "report": report, "plots": [p for p in plots if p]}
 
 
