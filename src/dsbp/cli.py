@@ -32,6 +32,7 @@ from typing import Any
 _OPTIONAL_COMMANDS = (
     ("diagnose", "dsbp.experiments.diagnose_cli"),
     ("figures", "dsbp.plots.figures"),
+    ("prune", "dsbp.experiments.prune"),
 )
 
 
@@ -82,6 +83,14 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--threads", type=int,
                    help="torch intra-op CPU threads (default: torch's; recorded in env.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--prune", metavar="T1,T2",
+                   help="after training, the pruning ablation (dsbp.experiments.prune) at these "
+                   "energy thresholds tau_E; also accepted as --ablate prune=T1,T2. Adds rows "
+                   "'<method>+factorise@<tau>' to results.csv and a table to report.md")
+    p.add_argument("--prune-mode", choices=("factorise", "prune"), default="factorise",
+                   help="factorise each layer into two thinner ones (default) or prune units")
+    p.add_argument("--prune-finetune", type=int, default=1, metavar="EPOCHS",
+                   help="SGD fine-tuning epochs after factorising / pruning (default 1)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -129,6 +138,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.nproc != 1:
         raise ValueError(f"--nproc {args.nproc}: multi-process runs are not supported by "
                          "`dsbp bench` yet; use --nproc 1")
+    from dsbp.experiments.prune import bench_taus
+
+    prune_taus = bench_taus(args)  # --prune / --ablate prune=...: taken out of the grid
+    if prune_taus and args.nproc > 1:
+        raise ValueError("--prune runs after single-process benches only; with --nproc > 1 "
+                         "run `dsbp prune OUT --taus ...` on the output folder afterwards")
     runs, preset = _grid_from_args(args)
     from dsbp.experiments.config import get_preset
 
@@ -140,6 +155,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     made = bench(runs, out, meta={"command": args.command_line, "preset": preset,
                                   "label": label},
                  resume=args.resume, progress=not args.no_progress)
+    if prune_taus:
+        from dsbp.experiments.prune import prune_bench
+        from dsbp.experiments.sweep import finish
+
+        prune_bench(out, prune_taus, args.prune_mode, args.prune_finetune, resume=args.resume)
+        made = {**made, **finish(out)}
     _print_table(made["results"])
     print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))
     return 1 if any(res.status == "error" for _, res in made["results"]) else 0
