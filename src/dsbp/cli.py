@@ -16,6 +16,7 @@ Examples::
     dsbp bench --datasets fashion_mnist --methods sgd,sam,dsbp --epochs 5 --seeds 3 \\
         --subset 5000 --out runs/fmnist
     dsbp bench --methods dsbp --ablate rank=2,5,10 --ablate interval=10,100 --out runs/abl
+    dsbp bench --preset demo --model mlp --nproc 2 --out runs/demo_ddp   # 2 DDP processes
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue interrupted runs in OUT and skip finished ones")
     p.add_argument("--nproc", type=int, default=1,
-                   help="processes per run (only 1 is supported by this command)")
+                   help="data-parallel processes per run (DDP; gloo on CPU, nccl with N GPUs): "
+                   "each takes batch_size/N examples of every global batch; methods sgd, "
+                   "adamw, sam, dsbp, dsbp_input, dsbp_tuned (see docs/distributed.md)")
     p.add_argument("--threads", type=int,
                    help="torch intra-op CPU threads (default: torch's; recorded in env.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -135,9 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``dsbp bench``: run the grid; exit status 1 if any run raised (status ``error``)."""
     from dsbp.experiments.sweep import bench
 
-    if args.nproc != 1:
-        raise ValueError(f"--nproc {args.nproc}: multi-process runs are not supported by "
-                         "`dsbp bench` yet; use --nproc 1")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     from dsbp.experiments.prune import bench_taus
 
     prune_taus = bench_taus(args)  # --prune / --ablate prune=...: taken out of the grid
@@ -147,14 +149,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     runs, preset = _grid_from_args(args)
     from dsbp.experiments.config import get_preset
 
-    _set_threads(args.threads if args.threads is not None
-                 else get_preset(preset).threads if preset else None)
+    threads = (args.threads if args.threads is not None
+               else get_preset(preset).threads if preset else None)
     out = args.out or f"runs/{preset or 'bench'}"
-    print(f"dsbp bench: {len(runs)} runs -> {out}")
     label = args.label or (get_preset(preset).note if preset else None)
-    made = bench(runs, out, meta={"command": args.command_line, "preset": preset,
-                                  "label": label},
-                 resume=args.resume, progress=not args.no_progress)
+    meta = {"command": args.command_line, "preset": preset, "label": label}
+    if args.nproc > 1:
+        return _bench_multiprocess(runs, out, meta, args, threads)
+    _set_threads(threads)
+    print(f"dsbp bench: {len(runs)} runs -> {out}")
+    made = bench(runs, out, meta=meta, resume=args.resume, progress=not args.no_progress)
     if prune_taus:
         from dsbp.experiments.prune import prune_bench
         from dsbp.experiments.sweep import finish
@@ -164,6 +168,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _print_table(made["results"])
     print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))
     return 1 if any(res.status == "error" for _, res in made["results"]) else 0
+
+
+def _bench_multiprocess(runs: Sequence[Any], out: str, meta: dict[str, Any],
+                        args: argparse.Namespace, threads: int | None) -> int:
+    """``dsbp bench --nproc N``: the grid in N data-parallel processes (see
+    :func:`_bench_worker`); the results are read back from the run directories."""
+    from pathlib import Path
+
+    from dsbp.experiments.run import check_ddp, read_result
+    from dsbp.optim.distributed import launch
+
+    for gr in runs:  # fail here, before starting processes, on what the config decides
+        check_ddp(gr.cfg, args.nproc)
+    runs_dir = Path(out) / "runs"
+    if not args.resume and runs_dir.exists() and any(runs_dir.iterdir()):
+        raise FileExistsError(f"{runs_dir} already holds runs; pass --resume to continue them "
+                              "or choose another --out")
+    print(f"dsbp bench: {len(runs)} runs x {args.nproc} processes -> {out}")
+    # [ours] 1 torch thread per process unless --threads says otherwise: N processes on a
+    # CPU already use N cores.
+    launch(_bench_worker, args.nproc,
+           args=(list(runs), out, meta, args.resume, not args.no_progress,
+                 threads if threads is not None else 1))
+    results = []
+    for gr in runs:
+        res = read_result(runs_dir / gr.name)
+        if res is None:
+            raise RuntimeError(f"run {gr.name} wrote no result.json")
+        results.append((gr, res))
+    _print_table(results)
+    print(f"wrote {Path(out) / 'results.csv'}, {Path(out) / 'report.md'}")
+    return 1 if any(res.status == "error" for _, res in results) else 0
+
+
+def _bench_worker(rank: int, world_size: int, runs: list[Any], out: str, meta: dict[str, Any],
+                  resume: bool, progress: bool, threads: int) -> None:
+    """One process of ``dsbp bench --nproc N`` (started by ``dsbp.optim.distributed.launch``
+    with the process group up): the whole grid, this rank's slice of every batch; rank 0
+    writes the run directories, ``results.csv``, ``report.md`` and the plots."""
+    from dsbp.experiments.sweep import bench
+
+    _set_threads(threads)
+    bench(runs, out, meta=meta, resume=resume, progress=progress and rank == 0,
+          log=print if rank == 0 else (lambda _line: None))
 
 
 def _set_threads(n: int | None) -> None:
