@@ -361,6 +361,10 @@ def run(
     rank, world_size = world()
     check_ddp(cfg, world_size)
     device = resolve_device(cfg.device)
+    if world_size > 1 and device.type == "cuda":
+        # [ours] one GPU per rank: the one the launcher selected (launch / torchrun's
+        # LOCAL_RANK), whatever index the config names
+        device = torch.device("cuda", torch.cuda.current_device())
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
     barrier()  # every rank has checked run_dir before rank 0 writes into it
