@@ -198,10 +198,17 @@ def make_figures(paths: Sequence[str | Path], out: str | Path, which: Sequence[s
     if "4" in which:
         fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
         for label, rs in groups.items():
-            _plot_mean(ax, label, _diag_curves(rs, lambda d: (d["perturbation"]["radii"],
-                                                              d["perturbation"]["mean_increase"])))
+            curves = _diag_curves(rs, lambda d: (d["perturbation"]["radii"],
+                                                 d["perturbation"]["mean_increase"]))
+            _plot_mean(ax, label, curves)
+            spreads = _diag_curves(rs, lambda d: (d["perturbation"]["radii"],
+                                                  d["perturbation"].get("std_increase")))
+            if len(curves) == 1 and spreads and np.all(np.isfinite(spreads[0][1])):
+                # one run: shade +- one std over the noise draws (spread, not a CI)
+                (x, m), (_, sd) = curves[0], spreads[0]
+                ax.fill_between(x, m - sd, m + sd, color=ax.lines[-1].get_color(), alpha=0.15)
         ax.set_xlabel("relative perturbation radius r (noise norm / filter norm)")
-        ax.set_ylabel("training-loss increase (nats), mean over draws")
+        ax.set_ylabel("training-loss increase (nats), mean ± std over draws")
         ax.set_title("Fig. 4: perturbation dynamics")
         ax.legend(fontsize=8)
         made.append(out / "fig4_perturbation.png")
