@@ -145,6 +145,7 @@ def main() -> int:
     ap.add_argument("--out", default="results/issue7/robustness")
     ap.add_argument("--only", help="comma-separated configuration names (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the output files (parallel workers)")
+    ap.add_argument("--match", help="only run directories whose name contains this (e.g. -s2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -156,6 +157,8 @@ def main() -> int:
             if not (run_dir / "result.json").exists():
                 continue
             if args.only and run_dir.parent.parent.name not in args.only.split(","):
+                continue
+            if args.match and args.match not in run_dir.name:
                 continue
             r = evaluate_run(run_dir, cache)
             r["label"] = run_dir.parent.parent.name  # the configuration name of the sweep
