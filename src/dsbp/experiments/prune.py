@@ -16,7 +16,8 @@ Protocol [ours] (the paper gives none):
 
 - spectra: the uncentred output covariance of each Linear / Conv2d on the first
   ``calib_batches`` batches of the run's training loader (epoch 0 order), model in eval mode;
-- fine-tuning: SGD with the run's ``lr`` (constant), ``momentum`` and ``weight_decay``, for
+- fine-tuning: SGD at the run's peak ``lr`` (or ``finetune_lr``), constant, with the run's
+  ``momentum`` and ``weight_decay``, for
   ``finetune_epochs`` passes of the run's training loader, continuing its epoch numbering
   (epochs ``cfg.epochs, cfg.epochs + 1, ...``: fresh shuffles, same seed), RNGs re-seeded
   with the run seed before each fine-tune so every tau sees the same batches;
@@ -100,6 +101,7 @@ def prune_run(
     calib_batches: int = 8,
     max_rows: int = 8192,
     min_saving: float | None = 0.0,
+    finetune_lr: float | None = None,
     latency_batch: int = 64,
     latency_repeats: int = 20,
     device: str | None = None,
@@ -121,6 +123,8 @@ def prune_run(
         max_rows: activation rows per layer and batch in the spectra.
         min_saving: factorise a layer only if it cuts its FLOPs by more than this fraction;
             ``None`` factorises every layer (at tau = 1 then reproducing the outputs).
+        finetune_lr: constant SGD learning rate of the fine-tune (None: the run's peak
+            ``lr``; a run that ended a cosine schedule near 0 may prefer a smaller one).
         latency_batch: images per timed forward pass.
         latency_repeats: timed passes (the median is reported).
         device: where spectra and fine-tuning run (default: the run's device; latency is
@@ -154,7 +158,8 @@ def prune_run(
         raise ValueError(f"{run_dir} is not a run directory (no config.json)")
     cfg = load_config(run_dir)
     settings = {"mode": mode, "finetune_epochs": finetune_epochs, "calib_batches": calib_batches,
-                "max_rows": max_rows, "min_saving": min_saving, "latency_batch": latency_batch,
+                "max_rows": max_rows, "min_saving": min_saving, "finetune_lr": finetune_lr,
+                "latency_batch": latency_batch,
                 "latency_repeats": latency_repeats, "taus": taus}
     head = {"run": run_dir.name, "method": cfg.method, "dataset": cfg.dataset,
             "model": cfg.model, "seed": cfg.seed, **settings}
@@ -207,7 +212,8 @@ def prune_run(
         seed_everything(cfg.seed)
         t0 = time.perf_counter()
         arch.fine_tune(m, lambda e: data.train.iter_epoch(cfg.epochs + e), epochs=finetune_epochs,
-                       lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                       lr=cfg.lr if finetune_lr is None else finetune_lr,
+                       momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         return m, time.perf_counter() - t0
 
     import copy
@@ -298,7 +304,8 @@ def prune_bench(
     runs_dir = Path(out) / "runs"
     if not runs_dir.is_dir():
         raise ValueError(f"{out} is not a `dsbp bench` output folder (no runs/ inside)")
-    want = {"mode": mode, "finetune_epochs": finetune_epochs, "taus": parse_taus(taus)}
+    want = {"mode": mode, "finetune_epochs": finetune_epochs, "taus": parse_taus(taus),
+            "finetune_lr": kwargs.get("finetune_lr")}
     cache: dict[tuple[str, str | None], Any] = {}
     done = []
     for rdir in sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists()):
@@ -396,8 +403,10 @@ def prune_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
         "", "## Pruning ablation (spectral architecture optimisation, METHOD.md §2.2)", "",
         f"Each finished run's final model, {s.get('mode', '?')}d at energy threshold tau_E "
         f"(per-layer rank = fewest output eigen-directions holding tau_E of the energy, from "
-        f"{s.get('calib_batches', '?')} training batches), then fine-tuned with SGD at the "
-        f"run's lr for {s.get('finetune_epochs', '?')} epoch(s) and evaluated on the same test "
+        f"{s.get('calib_batches', '?')} training batches), then fine-tuned with SGD at "
+        + ("the run's peak lr" if s.get("finetune_lr") is None
+           else f"constant lr {s.get('finetune_lr')}")
+        + f" for {s.get('finetune_epochs', '?')} epoch(s) and evaluated on the same test "
         "split. `+finetune` is the control: the unchanged model fine-tuned the same way. "
         "FLOPs: 2 x MACs of Linear/Conv2d per sample (analytic). Latency: median CPU forward "
         f"time of a {s.get('latency_batch', '?')}-image batch (noisy on a shared CPU). "
@@ -473,6 +482,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--mode", choices=MODES, default="factorise")
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--finetune-lr", type=float,
+                   help="constant SGD lr of the fine-tune (default: the run's peak lr)")
     p.add_argument("--device", help="device for spectra and fine-tuning (default: the run's)")
     p.add_argument("--redo", action="store_true", help="redo runs with a matching prune.json")
     p.set_defaults(func=cmd_prune)
@@ -483,7 +494,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dsbp.experiments.sweep import finish
 
     taus = parse_taus(args.taus)
-    kw = {"calib_batches": args.calib_batches, "device": args.device}
+    kw = {"calib_batches": args.calib_batches, "device": args.device,
+          "finetune_lr": args.finetune_lr}
     for path in map(Path, args.paths):
         if (path / "runs").is_dir():
             prune_bench(path, taus, args.mode, args.finetune_epochs, resume=not args.redo, **kw)
