@@ -154,6 +154,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{preset or 'bench'}"
     label = args.label or (get_preset(preset).note if preset else None)
     meta = {"command": args.command_line, "preset": preset, "label": label}
+    launched = _torchrun_world_size()
+    if launched > 1:
+        if args.nproc != 1:
+            raise ValueError(f"--nproc {args.nproc} under torchrun: the {launched} processes "
+                             "are torchrun's; drop --nproc")
+        return _bench_under_torchrun(runs, out, meta, args, threads, launched)
     if args.nproc > 1:
         return _bench_multiprocess(runs, out, meta, args, threads)
     _set_threads(threads)
@@ -174,23 +180,85 @@ def _bench_multiprocess(runs: Sequence[Any], out: str, meta: dict[str, Any],
                         args: argparse.Namespace, threads: int | None) -> int:
     """``dsbp bench --nproc N``: the grid in N data-parallel processes (see
     :func:`_bench_worker`); the results are read back from the run directories."""
-    from pathlib import Path
 
-    from dsbp.experiments.run import check_ddp, read_result
     from dsbp.optim.distributed import launch
 
-    for gr in runs:  # fail here, before starting processes, on what the config decides
-        check_ddp(gr.cfg, args.nproc)
-    runs_dir = Path(out) / "runs"
-    if not args.resume and runs_dir.exists() and any(runs_dir.iterdir()):
-        raise FileExistsError(f"{runs_dir} already holds runs; pass --resume to continue them "
-                              "or choose another --out")
-    print(f"dsbp bench: {len(runs)} runs x {args.nproc} processes -> {out}")
+    backend = _check_ddp_grid(runs, args.nproc, out, args.resume)
+    print(f"dsbp bench: {len(runs)} runs x {args.nproc} processes ({backend}) -> {out}")
     # [ours] 1 torch thread per process unless --threads says otherwise: N processes on a
     # CPU already use N cores.
     launch(_bench_worker, args.nproc,
            args=(list(runs), out, meta, args.resume, not args.no_progress,
-                 threads if threads is not None else 1))
+                 threads if threads is not None else 1), backend=backend)
+    return _report_from_dirs(runs, out)
+
+
+def _check_ddp_grid(runs: Sequence[Any], nproc: int, out: str, resume: bool) -> str:
+    """Fail before any process starts on what the configs decide; return the backend:
+    nccl for CUDA runs with at least ``nproc`` GPUs, else gloo."""
+    from pathlib import Path
+
+    import torch
+
+    from dsbp.experiments.build import resolve_device
+    from dsbp.experiments.run import check_ddp
+
+    for gr in runs:
+        check_ddp(gr.cfg, nproc)
+    kinds = {resolve_device(gr.cfg.device).type for gr in runs}
+    if len(kinds) > 1:
+        raise ValueError(f"a multi-process grid needs one device type, got {sorted(kinds)}")
+    runs_dir = Path(out) / "runs"
+    if not resume and runs_dir.exists() and any(runs_dir.iterdir()):
+        raise FileExistsError(f"{runs_dir} already holds runs; pass --resume to continue them "
+                              "or choose another --out")
+    return "nccl" if kinds == {"cuda"} and torch.cuda.device_count() >= nproc else "gloo"
+
+
+def _torchrun_world_size() -> int:
+    """WORLD_SIZE when this process was started by torchrun (which sets it and
+    TORCHELASTIC_RUN_ID), else 1."""
+    import os
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return 1
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _bench_under_torchrun(runs: Sequence[Any], out: str, meta: dict[str, Any],
+                          args: argparse.Namespace, threads: int | None, world_size: int) -> int:
+    """``torchrun --nproc_per_node=N -m dsbp.cli bench ...``: this process is one rank."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    backend = _check_ddp_grid(runs, world_size, out, args.resume)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    try:
+        if rank == 0:
+            print(f"dsbp bench: {len(runs)} runs x {world_size} torchrun processes "
+                  f"({backend}) -> {out}")
+        _bench_worker(rank, world_size, list(runs), out, meta, args.resume,
+                      not args.no_progress, threads if threads is not None else 1)
+        dist.barrier()  # rank 0 has written every file
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    return _report_from_dirs(runs, out)
+
+
+def _report_from_dirs(runs: Sequence[Any], out: str) -> int:
+    """Print the results table from the run directories; 1 if any run has status error."""
+    from pathlib import Path
+
+    from dsbp.experiments.run import read_result
+
+    runs_dir = Path(out) / "runs"
     results = []
     for gr in runs:
         res = read_result(runs_dir / gr.name)

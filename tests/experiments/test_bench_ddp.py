@@ -216,3 +216,14 @@ def test_rank_shard_slices_partition_each_batch(bundled):
         list(odd.iter_epoch(0))
     with pytest.raises(ValueError, match="rank"):
         RankShard(data.train, 2, 2)
+
+
+def test_nproc_under_torchrun_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from dsbp.cli import main
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torchrun sets in its workers
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "--methods", "sgd", "--nproc", "2", "--out", str(tmp_path / "x")])
+    assert err.value.code == 2
+    assert "under torchrun" in capsys.readouterr().err
