@@ -486,6 +486,8 @@ def add_parser(sub: Any) -> None:
                    help="constant SGD lr of the fine-tune (default: the run's peak lr)")
     p.add_argument("--device", help="device for spectra and fine-tuning (default: the run's)")
     p.add_argument("--redo", action="store_true", help="redo runs with a matching prune.json")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op CPU threads (default: torch's); latency depends on it")
     p.set_defaults(func=cmd_prune)
 
 
@@ -494,6 +496,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dsbp.experiments.sweep import finish
 
     taus = parse_taus(args.taus)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     kw = {"calib_batches": args.calib_batches, "device": args.device,
           "finetune_lr": args.finetune_lr}
     for path in map(Path, args.paths):
