@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from dsbp.experiments.prune import bench_taus
 
     prune_taus = bench_taus(args)  # --prune / --ablate prune=...: taken out of the grid
-    if prune_taus and args.nproc > 1:
+    if prune_taus and (args.nproc > 1 or _torchrun_world_size() > 1):
         raise ValueError("--prune runs after single-process benches only; with --nproc > 1 "
                          "run `dsbp prune OUT --taus ...` on the output folder afterwards")
     runs, preset = _grid_from_args(args)
@@ -180,7 +180,6 @@ def _bench_multiprocess(runs: Sequence[Any], out: str, meta: dict[str, Any],
                         args: argparse.Namespace, threads: int | None) -> int:
     """``dsbp bench --nproc N``: the grid in N data-parallel processes (see
     :func:`_bench_worker`); the results are read back from the run directories."""
-
     from dsbp.optim.distributed import launch
 
     backend = _check_ddp_grid(runs, args.nproc, out, args.resume)
