@@ -145,7 +145,8 @@ def main() -> int:
     ap.add_argument("--out", default="results/issue7/robustness")
     ap.add_argument("--only", help="comma-separated configuration names (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the output files (parallel workers)")
-    ap.add_argument("--match", help="only run directories whose name contains this (e.g. -s2)")
+    ap.add_argument("--match", help="only run directories whose name contains this "
+                    "(e.g. --match=-s2)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
