@@ -56,7 +56,7 @@ WRAPPED_METHODS = ("lora", "spectral_adapter")
 PRUNE_COLUMNS = ["tau", "params", "flops", "latency_ms", "acc_before_ft", "loss_before_ft"]
 
 _CSV_FIELDS = ["kind", "tau", "params", "flops", "latency_ms", "acc_before", "loss_before",
-               "acc_after", "loss_after", "finetune_s", "layers_changed"]
+               "acc_after", "loss_after", "finetune_s", "layers_changed", "ranks"]
 
 
 def parse_taus(text: str | Sequence[float]) -> list[float]:
@@ -270,7 +270,9 @@ def _prune_csv(p: dict[str, Any]) -> str:
                 "loss_after": o["loss_finetuned"], "finetune_s": o["finetune_s"],
                 "layers_changed": 0})
     for r in p["results"]:
-        w.writerow({"kind": p["mode"], "latency_ms": 1e3 * r["latency_s"],
+        # ranks: "layer:r/d_out" per layer, the tau_E rank of each layer's output spectrum
+        ranks = " ".join(f"{k}:{v['rank']}/{v['d_out']}" for k, v in r["layers"].items())
+        w.writerow({"kind": p["mode"], "latency_ms": 1e3 * r["latency_s"], "ranks": ranks,
                     **{k: r[k] for k in _CSV_FIELDS if k in r}})
     return buf.getvalue()
 
