@@ -390,17 +390,18 @@ def prune_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
     """Markdown lines of the "Pruning ablation" section (empty without any prune.json)."""
     runs_dir = Path(out) / "runs"
     pr = [r for r in rows if r.get("flops") not in (None, "") and r.get("status") == "ok"]
-    if not any(r.get("acc_before_ft") not in (None, "") for r in pr):
-        return []
-    settings = None
+    settings, any_settings = None, None  # a skipped run's prune.json has the settings too
     skipped = []
     for rdir in sorted(p for p in runs_dir.iterdir() if (p / "prune.json").exists()):
         p = json.loads((rdir / "prune.json").read_text())
+        any_settings = any_settings or p
         if "skipped" in p:
             skipped.append(f"- `{rdir.name}`: {p['skipped']}")
         elif settings is None:
             settings = p
-    s = settings or {}
+    if not skipped and not any(r.get("acc_before_ft") not in (None, "") for r in pr):
+        return []
+    s = settings or any_settings or {}
     lines = [
         "", "## Pruning ablation (spectral architecture optimisation, METHOD.md §2.2)", "",
         f"Each finished run's final model, {s.get('mode', '?')}d at energy threshold tau_E "
