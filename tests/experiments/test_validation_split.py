@@ -124,10 +124,11 @@ def test_dsbp_tuned_is_dsbp_with_the_recommended_switches(bundled):
                        device=torch.device("cpu"), num_classes=10)
     proj = build_method(build_model_for(cfg, data), cfg, ctx).optimizer.projector
     assert (proj.rank, proj.residual, proj.rescale, proj.side) == (
-        3, DSBP_TUNED["residual"], DSBP_TUNED["rescale"], "output")
+        3, DSBP_TUNED["residual"], DSBP_TUNED.get("rescale", False), "output")
+    assert proj.residual > 0  # the recommendation is not plain DSBP
     # method_kwargs override the recommendation
-    cfg2 = cfg.replace(method_kwargs={"residual": 0.0, "rescale": False})
+    cfg2 = cfg.replace(method_kwargs={"residual": 0.0, "rescale": True})
     proj2 = build_method(build_model_for(cfg2, data), cfg2, ctx).optimizer.projector
-    assert (proj2.residual, proj2.rescale) == (0.0, False)
+    assert (proj2.residual, proj2.rescale) == (0.0, True)
     proj.remove()
     proj2.remove()
