@@ -5,7 +5,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ConvNet
+from optim_models import ConvNet
 from torch import nn
 
 from dsbp import DSBP, SpectralProjector

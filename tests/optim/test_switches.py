@@ -4,7 +4,7 @@ against closed forms, on both sides and on both the fast and the reference path.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ConvNet
+from optim_models import ConvNet
 from torch import nn
 
 from dsbp import SpectralProjector

@@ -334,20 +334,12 @@ class AdaptiveDSBP(DSBP):
             :class:`AdaptiveSpectralProjector`.
     """
 
+    projector_class = AdaptiveSpectralProjector
+
     def __init__(
         self,
         model: nn.Module,
-        base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
-        rank: int = 10,
-        interval: int = 100,
-        power_iters: int = 5,
-        side: str = "output",
-        sharpness: float = 0.1,
-        max_rows: int = 8192,
-        layers: Iterable[str] | None = None,
-        params: Iterable[Any] | None = None,
-        projector_kwargs: dict | None = None,
-        *,
+        *args: Any,
         rho: float = 0.9,
         tau: float = 0.3,
         p_min: int = 10,
@@ -356,42 +348,14 @@ class AdaptiveDSBP(DSBP):
         probe_every: int | None = None,
         probe_iters: int = 2,
         ema_dense_max: int = 512,
-        **base_kwargs: Any,
+        projector_kwargs: dict | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            model,
-            base_optimizer,
-            rank,
-            interval,
-            power_iters,
-            side,
-            sharpness,
-            max_rows,
-            layers,
-            params,
-            projector_kwargs,
-            **base_kwargs,
-        )
-        self.projector.remove()  # replaced by the adaptive projector below
-        self.projector = AdaptiveSpectralProjector(
-            model,
-            rank=rank,
-            interval=interval,
-            power_iters=power_iters,
-            side=side,
-            sharpness=sharpness,
-            max_rows=max_rows,
-            layers=layers,
-            rho=rho,
-            tau=tau,
-            p_min=p_min,
-            p_max=p_max,
-            grow=grow,
-            probe_every=probe_every,
-            probe_iters=probe_iters,
-            ema_dense_max=ema_dense_max,
-            **(projector_kwargs or {}),
-        )
+        adaptive = {"rho": rho, "tau": tau, "p_min": p_min, "p_max": p_max, "grow": grow,
+                    "probe_every": probe_every, "probe_iters": probe_iters,
+                    "ema_dense_max": ema_dense_max}
+        super().__init__(model, *args, projector_kwargs={**adaptive, **(projector_kwargs or {})},
+                         **kwargs)
 
     def _sync_group_overrides(self) -> None:
         # Groups may carry rank / sharpness. A group "interval" would overwrite the adaptive

@@ -185,57 +185,21 @@ class LieDSBP(DSBP):
         **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``, ...).
     """
 
+    projector_class = LieSpectralProjector
+
     def __init__(
         self,
         model: nn.Module,
-        base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
-        rank: int = 10,
-        interval: int = 100,
-        power_iters: int = 5,
-        side: str = "output",
-        sharpness: float = 0.1,
-        max_rows: int = 8192,
-        layers: Iterable[str] | None = None,
-        params: Iterable[Any] | None = None,
-        projector_kwargs: dict | None = None,
-        *,
+        *args: Any,
         track_every: int = 1,
         lie_step: float = 0.5,
         rotation: bool = False,
-        **base_kwargs: Any,
+        projector_kwargs: dict | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            model,
-            base_optimizer,
-            rank,
-            interval,
-            power_iters,
-            side,
-            sharpness,
-            max_rows,
-            layers,
-            params,
-            projector_kwargs,
-            **base_kwargs,
-        )
-        # Swap in the tracking projector (the parent's is unused past this point).
-        self.projector.remove()
-        self.projector = LieSpectralProjector(
-            model,
-            rank=rank,
-            interval=interval,
-            power_iters=power_iters,
-            side=side,
-            sharpness=sharpness,
-            max_rows=max_rows,
-            layers=layers,
-            track_every=track_every,
-            lie_step=lie_step,
-            **(projector_kwargs or {}),
-        )
-        self._weight_to_layer = {
-            id(self.projector.layer_state(n).module.weight): n for n in self.projector.layer_names()
-        }
+        lie = {"track_every": track_every, "lie_step": lie_step}
+        super().__init__(model, *args, projector_kwargs={**lie, **(projector_kwargs or {})},
+                         **kwargs)
         self.rotation = bool(rotation)
 
     def _lr_of(self, p: torch.Tensor) -> float:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,34 +145,13 @@ class DistributedDSBP(DSBP):
         process_group: the group the bases are synchronised over (default: world).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
-        rank: int = 10,
-        interval: int = 100,
-        power_iters: int = 5,
-        side: str = "output",
-        sharpness: float = 0.1,
-        max_rows: int = 8192,
-        layers: Iterable[str] | None = None,
-        params: Iterable[Any] | None = None,
-        projector_kwargs: dict | None = None,
-        process_group=None,
-        **base_kwargs: Any,
-    ) -> None:
-        super().__init__(model, base_optimizer, rank=rank, interval=interval,
-                         power_iters=power_iters, side=side, sharpness=sharpness,
-                         max_rows=max_rows, layers=layers, params=params,
-                         projector_kwargs=projector_kwargs, **base_kwargs)
-        # swap in the synchronised projector (same layers, same settings, same names)
-        self.projector.remove()
-        self.projector = DistributedSpectralProjector(
-            model, rank=rank, interval=interval, power_iters=power_iters, side=side,
-            sharpness=sharpness, max_rows=max_rows, layers=layers,
-            process_group=process_group, **(projector_kwargs or {}),
-        )
-        self._sync_group_overrides()
+    projector_class = DistributedSpectralProjector
+
+    def __init__(self, model: nn.Module, *args: Any, process_group=None,
+                 projector_kwargs: dict | None = None, **kwargs: Any) -> None:
+        super().__init__(model, *args, projector_kwargs={**(projector_kwargs or {}),
+                                                         "process_group": process_group},
+                         **kwargs)
 
 
 def free_port() -> int:

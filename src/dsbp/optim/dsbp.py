@@ -27,6 +27,9 @@ from dsbp.optim.projector import _OVERRIDABLE, SpectralProjector
 class DSBP(torch.optim.Optimizer):
     """Dynamic Spectral Backpropagation around a base optimizer.
 
+    Subclasses that need another projector (distributed, adaptive, Lie tracking) set the class
+    attribute ``projector_class`` and pass their own settings through ``projector_kwargs``.
+
     Args:
         model: the network (its Linear / Conv2d layers get the projection).
         base_optimizer: an optimizer class, e.g. ``torch.optim.SGD`` (default) or ``AdamW``.
@@ -37,6 +40,8 @@ class DSBP(torch.optim.Optimizer):
         projector_kwargs: extra keyword arguments for the projector (``oversample``, ``seed``, ...).
         **base_kwargs: the base optimizer's own arguments (``lr``, ``momentum``, ...).
     """
+
+    projector_class: type[SpectralProjector] = SpectralProjector
 
     def __init__(
         self,
@@ -56,7 +61,7 @@ class DSBP(torch.optim.Optimizer):
         if isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("base_optimizer must be an optimizer class (e.g. torch.optim.SGD), "
                             "not an instance: DSBP constructs it on the model's parameters")
-        self.projector = SpectralProjector(
+        self.projector = self.projector_class(
             model, rank=rank, interval=interval, power_iters=power_iters, side=side,
             sharpness=sharpness, max_rows=max_rows, layers=layers, **(projector_kwargs or {}),
         )
