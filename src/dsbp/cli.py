@@ -34,6 +34,7 @@ _OPTIONAL_COMMANDS = (
     ("diagnose", "dsbp.experiments.diagnose_cli"),
     ("figures", "dsbp.plots.figures"),
     ("prune", "dsbp.experiments.prune"),
+    ("shift", "dsbp.experiments.shift"),
 )
 
 
@@ -94,6 +95,9 @@ def _add_bench(sub: Any) -> None:
                    help="factorise each layer into two thinner ones (default) or prune units")
     p.add_argument("--prune-finetune", type=int, default=1, metavar="EPOCHS",
                    help="SGD fine-tuning epochs after factorising / pruning (default 1)")
+    from dsbp.experiments.shift import add_bench_options
+
+    add_bench_options(p)  # --shift KINDS --shift-severity ...: test-time adaptation
     p.set_defaults(func=cmd_bench)
 
 
@@ -146,6 +150,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if prune_taus and (args.nproc > 1 or _torchrun_world_size() > 1):
         raise ValueError("--prune runs after single-process benches only; with --nproc > 1 "
                          "run `dsbp prune OUT --taus ...` on the output folder afterwards")
+    from dsbp.experiments.shift import bench_shift_kwargs
+
+    shift_kw = bench_shift_kwargs(args)  # --shift KINDS: after training, on the CPU
+    if shift_kw and (args.nproc > 1 or _torchrun_world_size() > 1):
+        raise ValueError("--shift runs after single-process benches only; with --nproc > 1 "
+                         "run `dsbp shift OUT --kinds ...` on the output folder afterwards")
     runs, preset = _grid_from_args(args)
     from dsbp.experiments.config import get_preset
 
@@ -170,6 +180,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from dsbp.experiments.sweep import finish
 
         prune_bench(out, prune_taus, args.prune_mode, args.prune_finetune, resume=args.resume)
+        made = {**made, **finish(out)}
+    if shift_kw:
+        from dsbp.experiments.shift import shift_bench
+        from dsbp.experiments.sweep import finish
+
+        shift_bench(out, resume=args.resume, **shift_kw)
         made = {**made, **finish(out)}
     _print_table(made["results"])
     print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))

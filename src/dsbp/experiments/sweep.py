@@ -292,7 +292,11 @@ def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, 
 
     # The pruning ablation (`dsbp bench --prune`): rows from runs/*/prune.json, if any.
     all_rows, prune_cols = add_prune_rows(out, rows)
-    write_results_csv(out / "results.csv", all_rows, [*varying, *prune_cols])
+    from dsbp.experiments.shift import add_shift_rows, append_shift_report
+
+    # Shifted test streams (`dsbp bench --shift`): rows from runs/*/shift.json, if any.
+    all_rows, shift_cols = add_shift_rows(out, all_rows)
+    write_results_csv(out / "results.csv", all_rows, [*varying, *prune_cols, *shift_cols])
     run_dirs = sorted(p for p in (out / "runs").iterdir() if (p / "config.json").exists())
     plots = [plot_learning_curves(run_dirs, out / "learning_curves.png"),
              plot_accuracy_vs_wallclock(run_dirs, out / "acc_vs_wallclock.png")]
@@ -301,6 +305,7 @@ def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, 
                           configs=[RunConfig.from_json((d / "config.json").read_text())
                                    for d in run_dirs])
     append_prune_report(report, out, all_rows)
+    append_shift_report(report, out, all_rows)
     return {"csv": out / "results.csv", "report": report, "plots": [p for p in plots if p]}
 
 

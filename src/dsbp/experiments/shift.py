@@ -1,0 +1,512 @@
+"""Test-time adaptation on shifted test streams, for finished runs (METHOD.md §2.1, issue 5).
+
+:func:`shift_run` takes a finished run directory, rebuilds its model from ``config.json``,
+loads the final weights from ``checkpoint.pt`` and evaluates it online on the run's own test
+split shifted by :func:`dsbp.data.shifts.apply_shift` (``rotate``, ``noise``, ``blur``,
+``contrast`` at severities 0..5; 0 is the clean stream) with each test-time method of
+:func:`dsbp.extensions.inference.shift_benchmark`: ``none`` (no adaptation), ``bn_stats``,
+``tent`` (unprojected entropy minimisation) and ``spectral_tta`` (projected). It writes
+``shift.json`` and ``shift.csv`` into the run directory.
+
+``dsbp bench --shift rotate,noise --shift-severity 1,3,5`` runs it on every finished run of a
+sweep (:func:`shift_bench`); :func:`add_shift_rows` and :func:`append_shift_report` put rows
+``"<method>+<tta>@<kind><severity>"`` (``test_acc`` = online accuracy) into ``results.csv``
+and a "Shifted test streams" table into ``report.md``. ``dsbp shift RUN_DIR_OR_OUT`` is the
+standalone form.
+
+Protocol [ours] (the paper gives none):
+
+- the stream is the run's test split (``eval_subset`` included, as the run evaluated it) in one
+  random order drawn from ``stream_seed`` (default 0, the same for every run, method and seed;
+  it also seeds the noise shift), cut into batches of ``batch_size``;
+- every (shift, severity, test-time method) starts from the run's final weights; a batch is
+  predicted by the forward pass of its own adaptation step (TENT's online protocol);
+- TENT and spectral TTA: Adam at ``tta_lr`` (default 1e-3), ``tta_steps`` step(s) per batch on
+  the BatchNorm affine parameters; spectral TTA projects them on the online-tracked top
+  ``tta_rank`` output eigenvectors of the layer feeding each BatchNorm;
+- it runs on the CPU (``shift_benchmark`` normalises its batches there);
+- ``wall_s`` of a row: seconds of shifting plus the online pass of that method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsbp.experiments import atomic
+
+# Test-time methods of dsbp.extensions.inference.TTA_METHODS run by default.
+DEFAULT_TTA = ("none", "tent", "spectral_tta")
+KNOWN_TTA = ("none", "bn_stats", "tent", "spectral_tta")
+KINDS = ("rotate", "noise", "blur", "contrast")
+
+# Methods whose checkpointed model is not the plain network of config.json.
+WRAPPED_METHODS = ("lora", "spectral_adapter")
+
+# Columns the shift rows add to results.csv.
+SHIFT_COLUMNS = ["tta", "shift", "severity"]
+
+_CSV_FIELDS = ["shift", "severity", "method", "accuracy", "n", "wall_s"]
+
+
+def parse_kinds(text: str | Sequence[str]) -> list[str]:
+    """``"rotate,noise"`` (or a sequence) -> ``["rotate", "noise"]``, each a known shift kind.
+
+    Raises:
+        ValueError: an empty list or an unknown kind.
+    """
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    kinds = [k for k in items if k]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown shift kind(s) {bad}; expected some of {KINDS}")
+    if not kinds:
+        raise ValueError(f"expected a comma-separated list of shift kinds, got {text!r}")
+    return kinds
+
+
+def parse_severities(text: str | Sequence[int]) -> list[int]:
+    """``"0,3,5"`` (or a sequence) -> ``[0, 3, 5]``, each an integer in 0..5 (0: clean).
+
+    Raises:
+        ValueError: an empty list, a non-integer, or a value outside 0..5.
+    """
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    out = []
+    for t in items:
+        if t == "":
+            continue
+        try:
+            v = int(t)
+        except (TypeError, ValueError):
+            raise ValueError(f"shift severity {t!r} is not an integer") from None
+        if isinstance(t, float) and t != v or not 0 <= v <= 5:
+            raise ValueError(f"shift severity must be an integer in 0..5, got {t!r}")
+        out.append(v)
+    if not out:
+        raise ValueError(f"expected a comma-separated list of severities, got {text!r}")
+    return out
+
+
+def parse_tta(text: str | Sequence[str]) -> list[str]:
+    """``"none,tent"`` -> ``["none", "tent"]``, each a test-time method name.
+
+    Raises:
+        ValueError: an empty list or an unknown name.
+    """
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else list(text)
+    names = [m for m in items if m]
+    bad = [m for m in names if m not in KNOWN_TTA]
+    if bad:
+        raise ValueError(f"unknown test-time method(s) {bad}; expected some of {KNOWN_TTA}")
+    if not names:
+        raise ValueError(f"expected a comma-separated list of test-time methods, got {text!r}")
+    return names
+
+
+def _test_split(cfg: Any, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's test images (uint8 (N, C, H, W)) and labels, as ``build.load_data`` cuts them."""
+    from dsbp.data.subset import balanced_subset
+
+    x, y = dataset.x_test, dataset.y_test
+    if cfg.eval_subset is not None:
+        x, y = balanced_subset(x, y, cfg.eval_subset, seed=0)  # = build.load_data's subset
+    return x, y
+
+
+def shift_run(
+    run_dir: str | Path,
+    kinds: Sequence[str],
+    severities: Sequence[int],
+    methods: Sequence[str] = DEFAULT_TTA,
+    *,
+    batch_size: int = 128,
+    stream_seed: int = 0,
+    tta_lr: float = 1e-3,
+    tta_steps: int = 1,
+    tta_rank: int = 10,
+    dataset: Any | None = None,
+    write: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Online accuracy of a finished run's final model on shifted test streams, per method.
+
+    Args:
+        run_dir: a run directory with ``config.json``, ``result.json`` (status ok) and
+            ``checkpoint.pt``.
+        kinds: shift kinds of :func:`dsbp.data.shifts.apply_shift`.
+        severities: integers in 0..5 (0: the clean stream).
+        methods: test-time methods: ``none``, ``bn_stats``, ``tent``, ``spectral_tta``.
+        batch_size: test batch size of the stream (default 128).
+        stream_seed: order of the stream and the noise draw (default 0) [ours].
+        tta_lr, tta_steps: Adam learning rate and steps per batch of TENT / spectral TTA.
+        tta_rank: k of the bases spectral TTA tracks on the stream.
+        dataset: the already loaded ``ImageDataset`` of the run (else loaded).
+        write: write ``shift.json`` and ``shift.csv`` into ``run_dir``.
+        log: one line per stream.
+
+    Returns:
+        The content of ``shift.json``: ``run``, ``method``, ``dataset``, ``model``, ``seed``,
+        the settings, ``clean_acc`` (the final model's accuracy on the unshifted test split,
+        eval mode, via the training loop's evaluation), ``results`` (one dict per
+        (shift, severity, tta): shift, severity, method, accuracy, n, wall_s) and
+        ``tta_skipped`` (``{tta: reason}`` for methods the model does not admit, e.g. TENT on
+        a network without BatchNorm). A run that cannot be evaluated gives
+        ``{"skipped": reason, ...}`` (also written).
+
+    Raises:
+        ValueError: bad kinds, severities, methods or batch size; ``run_dir`` not a run.
+    """
+    from dsbp.data import load_dataset
+    from dsbp.data.shifts import apply_shift
+    from dsbp.experiments.build import build_model_for, load_data
+    from dsbp.experiments.prune import _evaluate
+    from dsbp.experiments.run import load_config, read_result
+    from dsbp.extensions.inference import shift_benchmark
+
+    kinds, severities, methods = parse_kinds(kinds), parse_severities(severities), \
+        parse_tta(methods)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ValueError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = load_config(run_dir)
+    settings = {"kinds": kinds, "severities": severities, "tta": methods,
+                "batch_size": batch_size, "stream_seed": stream_seed, "tta_lr": tta_lr,
+                "tta_steps": tta_steps, "tta_rank": tta_rank}
+    head = {"run": run_dir.name, "method": cfg.method, "dataset": cfg.dataset,
+            "model": cfg.model, "seed": cfg.seed, **settings}
+
+    def skipped(reason: str) -> dict[str, Any]:
+        log(f"shift {run_dir.name}: skipped: {reason}")
+        out = {**head, "skipped": reason}
+        if write:
+            atomic.write_json(run_dir / "shift.json", out)
+        return out
+
+    res = read_result(run_dir)
+    if res is None or res.status != "ok":
+        return skipped(f"run status is {res.status if res else 'unfinished'}, not ok")
+    if cfg.method in WRAPPED_METHODS:
+        return skipped(f"method {cfg.method!r} trains a wrapped model (adapter / LoRA "
+                       "parameters), not the plain network config.json builds")
+    if not (run_dir / "checkpoint.pt").exists():
+        return skipped("no checkpoint.pt (the final weights were not kept)")
+
+    dev = torch.device("cpu")  # shift_benchmark normalises its batches on the CPU
+    ds = dataset if dataset is not None else load_dataset(cfg.dataset, root=cfg.data_root)
+    data = load_data(cfg, dev, ds)
+    model = build_model_for(cfg, data).to(dev)
+    state = torch.load(run_dir / "checkpoint.pt", map_location=dev, weights_only=True)["model"]
+    if set(state) != set(model.state_dict()):
+        return skipped("checkpoint's model keys differ from the network config.json builds "
+                       "(a wrapped model)")
+    model.load_state_dict(state)
+    model.eval()
+    _, clean_acc = _evaluate(model, data.test)
+    x_te, y_te = _test_split(cfg, ds)
+    tta = {"lr": tta_lr, "steps": tta_steps}
+    kw = {"tent": tta, "spectral_tta": {**tta, "rank": tta_rank}}
+    rows: list[dict[str, Any]] = []
+    tta_skipped: dict[str, str] = {}
+    for kind in kinds:
+        for sev in severities:
+            accs = {}
+            for name in methods:
+                if name in tta_skipped:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    (row,) = shift_benchmark(model, apply_shift, x_te, y_te, ds.mean, ds.std,
+                                             kinds=(kind,), severities=(sev,), methods=(name,),
+                                             batch_size=batch_size, seed=stream_seed,
+                                             method_kwargs=kw)
+                except ValueError as err:  # e.g. TENT on a network without BatchNorm
+                    tta_skipped[name] = str(err)
+                    log(f"shift {run_dir.name}: {name} skipped: {err}")
+                    continue
+                row["wall_s"] = time.perf_counter() - t0
+                rows.append(row)
+                accs[name] = row["accuracy"]
+            log(f"shift {run_dir.name}: {kind}@{sev}: " + ", ".join(
+                f"{k} {100 * v:.2f}%" for k, v in accs.items()))
+    out = {**head, "clean_acc": clean_acc, "acc_logged": res.test_acc, "n_test": len(y_te),
+           "results": rows, "tta_skipped": tta_skipped}
+    if write:
+        atomic.write_json(run_dir / "shift.json", out)
+        atomic.write_text(run_dir / "shift.csv", _shift_csv(rows))
+    return out
+
+
+def _shift_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------- sweep integration
+def shift_bench(
+    out: str | Path,
+    kinds: Sequence[str],
+    severities: Sequence[int],
+    methods: Sequence[str] = DEFAULT_TTA,
+    *,
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """:func:`shift_run` on every run directory of a ``dsbp bench`` output folder.
+
+    Args:
+        out: the sweep's output folder (``out/runs/<name>``).
+        kinds, severities, methods: as for :func:`shift_run`.
+        resume: keep a run's ``shift.json`` made with the same settings instead of redoing it.
+        log: progress lines.
+        **kwargs: passed on to :func:`shift_run`.
+
+    Returns:
+        The ``shift.json`` contents, in run-name order.
+    """
+    from dsbp.data import load_dataset
+    from dsbp.experiments.run import load_config
+
+    runs_dir = Path(out) / "runs"
+    if not runs_dir.is_dir():
+        raise ValueError(f"{out} is not a `dsbp bench` output folder (no runs/ inside)")
+    want = {"kinds": parse_kinds(kinds), "severities": parse_severities(severities),
+            "tta": parse_tta(methods)}
+    want.update({k: kwargs[k] for k in ("batch_size", "stream_seed", "tta_lr", "tta_steps",
+                                         "tta_rank") if k in kwargs})
+    cache: dict[tuple[str, str | None], Any] = {}
+    done = []
+    for rdir in sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists()):
+        old = rdir / "shift.json"
+        if resume and old.exists():
+            prev = json.loads(old.read_text())
+            if all(prev.get(k) == v for k, v in want.items()) and "skipped" not in prev:
+                done.append(prev)
+                continue
+        cfg = load_config(rdir)
+        key = (cfg.dataset, cfg.data_root)
+        if key not in cache:
+            cache[key] = load_dataset(cfg.dataset, root=cfg.data_root)
+        done.append(shift_run(rdir, want["kinds"], want["severities"], want["tta"],
+                              dataset=cache[key], log=log, **kwargs))
+    return done
+
+
+def _read_shift(rdir: Path) -> dict[str, Any] | None:
+    f = rdir / "shift.json"
+    if not f.exists():
+        return None
+    p = json.loads(f.read_text())
+    return None if "skipped" in p else p
+
+
+def shift_method(method: str, tta: str, kind: str, severity: int) -> str:
+    """The results.csv method name of a shift row: ``"<method>+<tta>@<kind><severity>"``."""
+    return f"{method}+{tta}@{kind}{int(severity)}"
+
+
+def add_shift_rows(
+    out: str | Path, rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``results.csv`` rows with the shifted-stream rows of ``out/runs/*/shift.json`` added.
+
+    Each (run, shift, severity, test-time method) of a training row (one whose method has no
+    ``+``) adds a row with method ``"<method>+<tta>@<kind><severity>"``, ``test_acc`` = the
+    online accuracy on that stream, ``test_loss`` empty, ``wall_s`` = seconds of that pass,
+    and the columns ``tta``, ``shift``, ``severity``.
+
+    Returns:
+        ``(rows + added rows, extra column names)``; no extra columns without any shift.json.
+    """
+    from dsbp.experiments.prune import PRUNE_COLUMNS
+
+    runs_dir = Path(out) / "runs"
+    drop = {"method", "test_acc", "test_loss", "wall_s", "message", *PRUNE_COLUMNS,
+            "latency_ms"}
+    added: list[dict[str, Any]] = []
+    for r in rows:
+        if "+" in str(r.get("method", "")):
+            continue  # a derived row (pruning ablation...), not a trained run
+        p = _read_shift(runs_dir / str(r["run"]))
+        if p is None:
+            continue
+        base = {k: v for k, v in r.items() if k not in drop}
+        for t in p["results"]:
+            added.append({**base, "method": shift_method(p["method"], t["method"], t["shift"],
+                                                         t["severity"]),
+                          "tta": t["method"], "shift": t["shift"], "severity": t["severity"],
+                          "test_acc": t["accuracy"], "test_loss": None, "wall_s": t["wall_s"],
+                          "message": f"online accuracy, {t['n']} images"})
+    return rows + added, (list(SHIFT_COLUMNS) if added else [])
+
+
+def _ms(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    from dsbp.experiments.report import mean_std
+
+    vals = [float(v) * scale for v in values if v not in (None, "")]
+    if not vals:
+        return "n/a"
+    m, s = mean_std(vals)
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if not math.isnan(s) else " (n=1)")
+
+
+def shift_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the "Shifted test streams" section (empty without any shift.json).
+
+    One line per (data set, model, training method, shift, severity); one column per
+    test-time method: mean ± sample std over seeds of the online accuracy (%).
+    """
+    runs_dir = Path(out) / "runs"
+    settings, skipped = None, []
+    for rdir in sorted(p for p in runs_dir.iterdir() if (p / "shift.json").exists()):
+        p = json.loads((rdir / "shift.json").read_text())
+        if "skipped" in p:
+            skipped.append(f"- `{rdir.name}`: {p['skipped']}")
+            continue
+        settings = settings or p
+        skipped += [f"- `{rdir.name}`: {m}: {why}" for m, why in p.get("tta_skipped", {}).items()]
+    sr = [r for r in rows if r.get("tta") not in (None, "") and r.get("status") == "ok"]
+    if not sr and not skipped:
+        return []
+    s = settings or {}
+    ttas = [m for m in KNOWN_TTA if any(r["tta"] == m for r in sr)]
+    lines = [
+        "", "## Shifted test streams (test-time adaptation, METHOD.md §2.1)", "",
+        "Each finished run's final model, evaluated online on its own test split shifted by "
+        "`dsbp.data.shifts.apply_shift` (severity 0 = clean), in one seeded random order "
+        f"(stream seed {s.get('stream_seed', '?')}), batches of {s.get('batch_size', '?')}. "
+        "`none`: no adaptation (eval mode); `tent`: entropy minimisation of the BatchNorm "
+        f"affine parameters (Adam lr {s.get('tta_lr', '?')}, {s.get('tta_steps', '?')} "
+        "step(s) per batch); `spectral_tta`: the same with the updates projected on the "
+        f"online-tracked top-{s.get('tta_rank', '?')} output eigenvectors of the layer feeding "
+        "each BatchNorm; `bn_stats`: test-batch statistics, no update. Online accuracy (%), "
+        "mean ± sample std over seeds. Protocol [ours]: see `dsbp.experiments.shift`.", "",
+    ]
+    header = ["data set", "model", "method", "shift", "severity", "runs", *ttas]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    counts: dict[tuple, set] = {}
+    for r in sr:
+        base = str(r["method"]).split("+")[0]
+        key = (r["dataset"], r["model"], base, r["shift"], int(r["severity"]))
+        groups.setdefault(key, {}).setdefault(r["tta"], []).append(r["test_acc"])
+        counts.setdefault(key, set()).add(r["run"])
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], KINDS.index(k[3]), k[4])):
+        g = groups[key]
+        lines.append("| " + " | ".join([*map(str, key), str(len(counts[key])),
+                                        *[_ms(g.get(m, [])) for m in ttas]]) + " |")
+    if skipped:
+        lines += ["", "Left out:", "", *skipped]
+    return lines
+
+
+def append_shift_report(report: str | Path, out: str | Path,
+                        rows: Sequence[dict[str, Any]]) -> None:
+    """Append :func:`shift_section` to ``report.md`` (atomically; nothing without shift rows)."""
+    lines = shift_section(out, rows)
+    if lines:
+        report = Path(report)
+        atomic.write_text(report, report.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _add_tta_options(p: Any, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}tta", default=",".join(DEFAULT_TTA),
+                   help="test-time methods: none, bn_stats, tent, spectral_tta (default: "
+                   + ",".join(DEFAULT_TTA) + ")")
+    p.add_argument(f"--{prefix}tta-lr", type=float, default=1e-3,
+                   help="Adam lr of tent / spectral_tta (default 1e-3)")
+    p.add_argument(f"--{prefix}tta-steps", type=int, default=1,
+                   help="entropy steps per test batch (default 1)")
+    p.add_argument(f"--{prefix}tta-rank", type=int, default=10,
+                   help="rank k of the bases spectral_tta tracks (default 10)")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=128,
+                   help="test-stream batch size (default 128)")
+
+
+def add_bench_options(p: Any) -> None:
+    """The ``dsbp bench`` flags of the shifted-stream evaluation (``--shift`` and friends)."""
+    p.add_argument("--shift", metavar="KINDS",
+                   help="after training, evaluate each run on shifted test streams "
+                   "(dsbp.experiments.shift): comma-separated kinds of rotate, noise, blur, "
+                   "contrast. Adds rows '<method>+<tta>@<kind><severity>' to results.csv and "
+                   "a table to report.md")
+    p.add_argument("--shift-severity", default="1,3,5", metavar="S1,S2",
+                   help="severities 0..5 of --shift (0 = clean; default 1,3,5)")
+    _add_tta_options(p, prefix="shift-")
+
+
+def bench_shift_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The :func:`shift_bench` arguments of ``dsbp bench --shift ...`` (validated), or None."""
+    if not getattr(args, "shift", None):
+        return None
+    return {"kinds": parse_kinds(args.shift), "severities": parse_severities(args.shift_severity),
+            "methods": parse_tta(args.shift_tta), "tta_lr": args.shift_tta_lr,
+            "tta_steps": args.shift_tta_steps, "tta_rank": args.shift_tta_rank,
+            "batch_size": args.shift_batch_size}
+
+
+def add_parser(sub: Any) -> None:
+    """``dsbp shift``: the subcommand's parser (loaded by ``dsbp.cli`` when invoked)."""
+    p = sub.add_parser(
+        "shift", help="test-time adaptation of finished runs on shifted test streams",
+        description="Evaluate the final model of finished runs online on shifted test streams "
+        "with no adaptation, TENT and spectral TTA, and write shift.json / shift.csv into "
+        "each run directory. Given a `dsbp bench` output folder, does every run and remakes "
+        "its results.csv and report.md.")
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_OUT",
+                   help="run directories, or `dsbp bench` output folders")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="shift kinds (default: " + ",".join(KINDS) + ")")
+    p.add_argument("--severities", default="1,3,5", help="severities 0..5 (default 1,3,5)")
+    _add_tta_options(p)
+    p.add_argument("--redo", action="store_true", help="redo runs with a matching shift.json")
+    p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's)")
+    p.set_defaults(func=cmd_shift)
+
+
+def cmd_shift(args: argparse.Namespace) -> int:
+    """``dsbp shift PATH... --kinds ... --severities ...``."""
+    from dsbp.experiments.sweep import finish
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    kinds, sevs, ttas = (parse_kinds(args.kinds), parse_severities(args.severities),
+                         parse_tta(args.tta))
+    kw = {"tta_lr": args.tta_lr, "tta_steps": args.tta_steps, "tta_rank": args.tta_rank,
+          "batch_size": args.batch_size}
+    for path in map(Path, args.paths):
+        if (path / "runs").is_dir():
+            shift_bench(path, kinds, sevs, ttas, resume=not args.redo, **kw)
+            made = finish(path)
+            print(f"wrote {made['csv']}, {made['report']}")
+        elif (path / "config.json").exists():
+            p = shift_run(path, kinds, sevs, ttas, **kw)
+            print(f"wrote {path / 'shift.json'}" if "skipped" not in p else p["skipped"])
+        else:
+            raise ValueError(f"{path} is neither a run directory nor a `dsbp bench` folder")
+    return 0
+
+
+__all__ = ["DEFAULT_TTA", "KINDS", "SHIFT_COLUMNS", "add_bench_options", "add_parser",
+           "add_shift_rows", "append_shift_report", "bench_shift_kwargs", "cmd_shift",
+           "parse_kinds", "parse_severities", "parse_tta", "shift_bench", "shift_method",
+           "shift_run", "shift_section"]
