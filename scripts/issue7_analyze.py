@@ -163,7 +163,7 @@ def stage_table(stage: str, lines: list[str]) -> dict[str, list[dict]]:
     lo = min(v[0] for v in vals)
     ax.set_ylim(max(0, lo - 10), min(100, max(v[0] for v in vals) + 3))
     ax.set_xticks(range(len(order)), order, rotation=60, fontsize=7)
-    ax.set(ylabel="validation accuracy %", title=f"{stage}: validation accuracy ({LABEL})")
+    ax.set(ylabel="validation accuracy %", title=f"{stage}: validation accuracy\n({LABEL})")
     fig.savefig(IMG / f"issue7_{stage}.png", dpi=110)
     plt.close(fig)
     if any(r["hessian"] is not None for rs in runs.values() for r in rs):
