@@ -35,6 +35,7 @@ _OPTIONAL_COMMANDS = (
     ("figures", "dsbp.plots.figures"),
     ("prune", "dsbp.experiments.prune"),
     ("shift", "dsbp.experiments.shift"),
+    ("fewshot", "dsbp.experiments.fewshot"),
 )
 
 

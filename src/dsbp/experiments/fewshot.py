@@ -1,0 +1,490 @@
+"""``dsbp fewshot``: spectral meta-learning against MAML on N-way K-shot episodes (METHOD.md §2.3).
+
+Episodic meta-training does not fit the ``dsbp bench`` loop (batches of one data set, test
+accuracy on its test split), so few-shot runs have their own command and output folder::
+
+    dsbp fewshot --datasets fashion_mnist,cifar10 --shots 1,5 --seeds 3 --out runs/fewshot
+
+Layout of ``out``::
+
+    config.json         the settings (FewshotConfig) and the command
+    env.json            where and with what it ran (as a bench run's env.json)
+    runs/<cell>.json    one (data set, N-way, K-shot, method, seed) cell: the class split, the
+                        per-episode test accuracies, timings
+    results.csv         one row per cell (test_acc = mean query accuracy over test episodes)
+    report.md           MAML beside spectral MAML: mean and 95% CI over test episodes
+
+Methods: ``maml`` (:class:`dsbp.baselines.maml.MAML`) and ``spectral_maml``
+(:class:`dsbp.extensions.meta.SpectralMAML`: the inner gradient projected on the top-k
+eigenvectors of each layer's activation covariance on the support set, no gradient through the
+eigensolver). For each data set, shot count and seed both are meta-trained from the same
+initialisation on the same training episodes and scored on the same test episodes.
+
+Protocol [ours] (as ``scripts/ext_meta.py``, which produced ``results/extensions/meta``):
+
+- classes split at random (seed) into disjoint meta-train / meta-test classes: 50/50 for the
+  10-class data sets (``dsbp.data.episodes.class_split``), 70/30 for Tiny ImageNet; meta-train
+  episodes come from the train split, meta-test episodes from the test split (Tiny ImageNet: the
+  train and test images of the meta-test classes, whose 64x64 images are average-pooled to
+  32x32 for CPU time);
+- the MAML paper's conv-4 (``width`` channels, BatchNorm on per-task batch statistics, in
+  training and at test), first-order meta-gradients, Adam in the outer loop;
+- meta-train episode ``i * meta_batch + j`` of a seed is task ``j`` of meta-iteration ``i``;
+  test episodes come from a sampler seeded ``10000 + seed``;
+- 95% CI: ``1.96 * std / sqrt(n_episodes)`` over the test episodes of one cell (several seeds:
+  over the pooled episodes; the spread over seeds is reported beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsbp.experiments import atomic
+
+METHODS = ("maml", "spectral_maml")
+
+RESULT_COLUMNS = ("dataset", "method", "n_way", "k_shot", "seed", "test_acc", "ci95",
+                  "n_episodes", "train_s", "test_s", "meta_iters", "rank", "status", "cell")
+
+
+@dataclass(frozen=True)
+class FewshotConfig:
+    """Settings of a ``dsbp fewshot`` sweep (defaults: the CPU-sized ones of
+    ``scripts/ext_meta.py``).
+
+    Attributes:
+        datasets: data set names of ``dsbp.data.load_dataset``.
+        methods: ``maml`` and / or ``spectral_maml``.
+        n_way: N, classes per episode.
+        shots: K values, support images per class.
+        seeds: seeds (class split, initialisation, episodes).
+        n_query: query images per class.
+        width: conv-4 channels.
+        meta_iters: outer (meta) iterations.
+        meta_batch: tasks per meta-iteration.
+        inner_steps: inner steps m in meta-training.
+        test_inner_steps: inner steps at test.
+        inner_lr: inner step size alpha.
+        outer_lr: Adam learning rate of the outer loop (beta).
+        test_episodes: test episodes per cell.
+        rank: k of spectral MAML (per layer; k >= width is plain MAML).
+        side: ``output`` or ``input`` (the activations the bases come from).
+        device: ``cpu``, ``cuda``...
+        data_root: folder with the data files (default: the data search).
+    """
+
+    datasets: tuple[str, ...] = ("bundled",)
+    methods: tuple[str, ...] = METHODS
+    n_way: int = 5
+    shots: tuple[int, ...] = (1, 5)
+    seeds: tuple[int, ...] = (0,)
+    n_query: int = 10
+    width: int = 32
+    meta_iters: int = 100
+    meta_batch: int = 4
+    inner_steps: int = 3
+    test_inner_steps: int = 5
+    inner_lr: float = 0.1
+    outer_lr: float = 1e-3
+    test_episodes: int = 200
+    rank: int = 10
+    side: str = "output"
+    device: str = "cpu"
+    data_root: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("datasets", "methods", "shots", "seeds"):
+            v = getattr(self, name)
+            object.__setattr__(self, name, tuple(v))
+            if not v:
+                raise ValueError(f"fewshot: {name} must not be empty")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"fewshot: unknown method(s) {bad}; expected some of {METHODS}")
+        for name in ("n_way", "n_query", "width", "meta_batch", "test_episodes", "rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"fewshot: {name} must be a positive integer, got {v!r}")
+        for name in ("meta_iters", "inner_steps", "test_inner_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"fewshot: {name} must be an integer >= 0, got {v!r}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.shots):
+            raise ValueError(f"fewshot: shots must be positive integers, got {self.shots}")
+        if self.side not in ("output", "input"):
+            raise ValueError(f"fewshot: side must be 'output' or 'input', got {self.side!r}")
+        if not self.inner_lr >= 0 or not self.outer_lr >= 0:
+            raise ValueError("fewshot: inner_lr and outer_lr must be >= 0")
+
+    def cell_settings(self) -> dict[str, Any]:
+        """The settings a cell's result depends on besides its own keys (used for resume)."""
+        skip = {"datasets", "methods", "shots", "seeds", "device"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def conv4(in_channels: int, n_way: int, width: int, image_size: int) -> nn.Module:
+    """The MAML paper's conv-4: 4 x [conv3x3 -> BN -> ReLU -> maxpool 2], then a Linear head.
+
+    Input (B, in_channels, image_size, image_size); output logits (B, n_way).
+    """
+    layers: list[nn.Module] = []
+    c, s = in_channels, image_size
+    for _ in range(4):
+        layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+        c, s = width, s // 2
+    if s < 1:
+        raise ValueError(f"conv-4 needs images of at least 16 pixels, got {image_size}")
+    layers += [nn.Flatten(), nn.Linear(width * s * s, n_way)]
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Meta-train / meta-test images (uint8 (N, C, H, W)), labels and disjoint class lists."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    train_classes: list[int]
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    test_classes: list[int]
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def split_classes(ds: Any, seed: int) -> SplitData:
+    """Disjoint meta-train / meta-test classes of an ``ImageDataset`` (see the module docstring).
+
+    Raises:
+        ValueError: a data set with fewer than 2 classes.
+    """
+    from dsbp.data.episodes import class_split
+
+    x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+    n_cls = len(ds.classes)
+    if n_cls < 2:
+        raise ValueError(f"{ds.name}: few-shot episodes need at least 2 classes, got {n_cls}")
+    if n_cls > 10:  # Tiny ImageNet subset: 64x64 -> 32x32 [ours: CPU budget], 70/30 split
+        if x_tr.shape[-1] >= 64:
+            def pool(x: torch.Tensor) -> torch.Tensor:
+                return F.avg_pool2d(x.float(), 2).round().to(torch.uint8)
+
+            x_tr, x_te = pool(x_tr), pool(x_te)
+        train_cls, test_cls = class_split(n_cls, (0.7, 0.3), seed=seed)
+        # the meta-test classes use all their images: disjoint classes, so no leak
+        x_te, y_te = torch.cat([x_tr, x_te]), torch.cat([y_tr, y_te])
+    else:
+        train_cls, test_cls = class_split(n_cls, (0.5, 0.5), seed=seed)
+    return SplitData(x_tr, y_tr, list(train_cls), x_te, y_te, list(test_cls),
+                     torch.tensor(ds.mean, dtype=torch.float32),
+                     torch.tensor(ds.std, dtype=torch.float32))
+
+
+def _task(ep: Any, mean: torch.Tensor, std: torch.Tensor, dev: torch.device) -> tuple:
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(dev)
+
+    return norm(ep.support_x), ep.support_y.to(dev), norm(ep.query_x), ep.query_y.to(dev)
+
+
+def run_cell(cfg: FewshotConfig, data: SplitData, method: str, k_shot: int, seed: int,
+             ) -> dict[str, Any]:
+    """Meta-train one method on one (data set split, K, seed) and score it on test episodes.
+
+    Returns:
+        ``{"test_acc", "ci95", "episode_accs", "n_episodes", "train_s", "test_s",
+        "meta_loss_first", "meta_loss_last"}``: mean query accuracy (fraction) over the test
+        episodes after ``test_inner_steps`` inner steps on each episode's support set.
+    """
+    from dsbp.baselines.maml import MAML
+    from dsbp.data.episodes import EpisodeSampler
+    from dsbp.extensions.meta import SpectralMAML
+
+    if method not in METHODS:
+        raise ValueError(f"unknown few-shot method {method!r}; expected one of {METHODS}")
+    dev = torch.device(cfg.device)
+    torch.manual_seed(seed)  # the same initialisation for both methods
+    model = conv4(int(data.x_train.shape[1]), cfg.n_way, cfg.width,
+                  int(data.x_train.shape[-1])).to(dev)
+    common = {"inner_lr": cfg.inner_lr, "inner_steps": cfg.inner_steps, "first_order": True}
+    learner = (MAML(model, **common) if method == "maml" else
+               SpectralMAML(model, rank=cfg.rank, side=cfg.side, seed=seed, **common))
+    train_eps = EpisodeSampler(data.x_train, data.y_train, data.train_classes, cfg.n_way,
+                               k_shot, cfg.n_query, seed=seed)
+    test_eps = EpisodeSampler(data.x_test, data.y_test, data.test_classes, cfg.n_way, k_shot,
+                              cfg.n_query, seed=10_000 + seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.outer_lr)
+    model.train()  # BatchNorm on per-task batch statistics, in training and at test
+    losses = []
+    t0 = time.perf_counter()
+    for it in range(cfg.meta_iters):
+        tasks = [_task(e, data.mean, data.std, dev)
+                 for e in train_eps.episodes(cfg.meta_batch, start=it * cfg.meta_batch)]
+        opt.zero_grad()
+        loss = learner.meta_loss(tasks)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    train_s = time.perf_counter() - t0
+    learner.inner_steps = cfg.test_inner_steps
+    t0 = time.perf_counter()
+    accs = [learner.evaluate([_task(ep, data.mean, data.std, dev)])[1]
+            for ep in test_eps.episodes(cfg.test_episodes)]
+    test_s = time.perf_counter() - t0
+    mean, ci = mean_ci95(accs)
+    return {"test_acc": mean, "ci95": ci, "episode_accs": accs, "n_episodes": len(accs),
+            "train_s": train_s, "test_s": test_s,
+            "meta_loss_first": losses[0] if losses else None,
+            "meta_loss_last": losses[-1] if losses else None}
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% CI half-width ``1.96 * s / sqrt(n)`` (sample std; NaN for n < 2)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return math.nan, math.nan
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return m, math.nan
+    return m, 1.96 * statistics.stdev(vals) / math.sqrt(len(vals))
+
+
+def cell_name(dataset: str, n_way: int, k_shot: int, method: str, seed: int) -> str:
+    """``"<dataset>-<N>w<K>s-<method>-s<seed>"`` (``:`` of medmnist names becomes ``_``)."""
+    return f"{dataset.replace(':', '_')}-{n_way}w{k_shot}s-{method}-s{seed}"
+
+
+def fewshot(
+    cfg: FewshotConfig,
+    out: str | Path,
+    *,
+    command: str | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    loader: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Run every (data set, K, seed, method) cell of ``cfg`` into ``out``; write the tables.
+
+    Args:
+        cfg: the settings.
+        out: output folder (created).
+        command: the command line, recorded in ``config.json``.
+        resume: keep cells whose ``runs/<cell>.json`` has the same settings; without it an
+            output folder that already holds cells is an error.
+        log: one line per cell.
+        loader: ``loader(name) -> ImageDataset`` (default ``dsbp.data.load_dataset`` with
+            ``cfg.data_root``).
+
+    Returns:
+        ``{"cells": [cell dicts], "csv": path, "report": path}``.
+
+    Raises:
+        FileExistsError: ``out/runs`` holds cells and ``resume`` is False.
+    """
+    from dsbp.experiments.run import environment
+
+    out = Path(out)
+    runs = out / "runs"
+    if not resume and runs.exists() and any(runs.iterdir()):
+        raise FileExistsError(f"{runs} already holds cells; pass --resume or choose another "
+                              "--out")
+    runs.mkdir(parents=True, exist_ok=True)
+    if loader is None:
+        from dsbp.data import load_dataset
+
+        def loader(name: str) -> Any:
+            return load_dataset(name, root=cfg.data_root)
+
+    atomic.write_json(out / "config.json", {"command": command, **dataclasses.asdict(cfg)})
+    atomic.write_json(out / "env.json", environment(torch.device(cfg.device)))
+    settings = cfg.cell_settings()
+    cells = []
+    for name in cfg.datasets:
+        ds = loader(name)
+        for seed in cfg.seeds:
+            data = split_classes(ds, seed)
+            for k in cfg.shots:
+                for method in cfg.methods:
+                    cname = cell_name(name, cfg.n_way, k, method, seed)
+                    path = runs / f"{cname}.json"
+                    if resume and path.exists():
+                        prev = json.loads(path.read_text())
+                        if prev.get("settings") == settings:
+                            cells.append(prev)
+                            continue
+                    res = run_cell(cfg, data, method, k, seed)
+                    cell = {"cell": cname, "dataset": name, "method": method,
+                            "n_way": cfg.n_way, "k_shot": k, "seed": seed, "status": "ok",
+                            "train_classes": data.train_classes,
+                            "test_classes": data.test_classes, "settings": settings, **res}
+                    atomic.write_json(path, cell)
+                    cells.append(cell)
+                    log(f"{cname}: acc {100 * res['test_acc']:.2f}% ± "
+                        f"{100 * res['ci95']:.2f} (95% CI, {res['n_episodes']} episodes), "
+                        f"train {res['train_s']:.1f} s")
+    made = finish_fewshot(out)
+    return {"cells": cells, **made}
+
+
+def _read_cells(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
+def finish_fewshot(out: str | Path) -> dict[str, Path]:
+    """(Re)make ``results.csv`` and ``report.md`` of ``out`` from ``out/runs/*.json``."""
+    out = Path(out)
+    cells = _read_cells(out)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS), extrasaction="ignore",
+                       lineterminator="\n")
+    w.writeheader()
+    for c in cells:
+        w.writerow({**c, "meta_iters": c["settings"]["meta_iters"],
+                    "rank": c["settings"]["rank"] if c["method"] == "spectral_maml" else ""})
+    atomic.write_text(out / "results.csv", buf.getvalue())
+    atomic.write_text(out / "report.md", "\n".join(report_lines(out, cells)) + "\n")
+    return {"csv": out / "results.csv", "report": out / "report.md"}
+
+
+def report_lines(out: Path, cells: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown of ``report.md``: one line per (data set, N, K), MAML beside spectral MAML."""
+    cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
+    lines = ["# Few-shot: spectral MAML vs MAML (METHOD.md §2.3)", ""]
+    if cfg.get("command"):
+        lines += [f"Command: `{cfg['command']}`", ""]
+    lines += [
+        f"Environment: {env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
+        f"{env.get('torch_threads', '?')} thread(s), commit {env.get('commit', '?')}"
+        f"{' (dirty)' if env.get('dirty') else ''}, {env.get('time_utc', '?')}.", "",
+        f"conv-4 (width {cfg.get('width', '?')}), first-order MAML, Adam outer lr "
+        f"{cfg.get('outer_lr', '?')}, {cfg.get('meta_iters', '?')} meta-iterations x "
+        f"{cfg.get('meta_batch', '?')} tasks, inner lr {cfg.get('inner_lr', '?')}, "
+        f"{cfg.get('inner_steps', '?')} inner steps in training and "
+        f"{cfg.get('test_inner_steps', '?')} at test, {cfg.get('n_query', '?')} query images "
+        f"per class; spectral MAML: rank {cfg.get('rank', '?')}, {cfg.get('side', '?')} side, "
+        "bases from each task's support set. Test episodes come from classes held out of "
+        "meta-training. Accuracy: mean query accuracy (%) over the test episodes, ± the 95% "
+        "CI half-width 1.96 s / sqrt(n) over the pooled episodes of all seeds; 'seed std' is "
+        "the sample std of the per-seed means. Protocol [ours]: see `dsbp.experiments.fewshot`.",
+        "",
+    ]
+    header = ["data set", "N-way K-shot", "seeds", "test episodes", "MAML acc (%)",
+              "spectral MAML acc (%)", "seed std (MAML / spectral)",
+              "meta-train s (MAML / spectral)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for c in cells:
+        groups.setdefault((c["dataset"], c["n_way"], c["k_shot"]), {}).setdefault(
+            c["method"], []).append(c)
+
+    def acc(g: list[dict[str, Any]] | None) -> str:
+        if not g:
+            return "n/a"
+        m, ci = mean_ci95([a for c in g for a in c["episode_accs"]])
+        return f"{100 * m:.2f}" + (f" ± {100 * ci:.2f}" if not math.isnan(ci) else "")
+
+    def spread(g: list[dict[str, Any]] | None) -> str:
+        if not g or len(g) < 2:
+            return "n/a"
+        return f"{100 * statistics.stdev([c['test_acc'] for c in g]):.2f}"
+
+    def secs(g: list[dict[str, Any]] | None) -> str:
+        return "n/a" if not g else f"{statistics.fmean([c['train_s'] for c in g]):.1f}"
+
+    for key in sorted(groups):
+        g = groups[key]
+        m, s = g.get("maml"), g.get("spectral_maml")
+        any_g = m or s or []
+        lines.append("| " + " | ".join([
+            key[0], f"{key[1]}-way {key[2]}-shot", str(len({c['seed'] for c in any_g})),
+            str(sum(c["n_episodes"] for c in any_g)),
+            acc(m), acc(s), f"{spread(m)} / {spread(s)}", f"{secs(m)} / {secs(s)}"]) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+
+
+def add_parser(sub: Any) -> None:
+    """``dsbp fewshot``: the subcommand's parser (loaded by ``dsbp.cli`` when invoked)."""
+    d = FewshotConfig()
+    p = sub.add_parser(
+        "fewshot", help="spectral MAML vs MAML on N-way K-shot episodes (held-out classes)",
+        description="Meta-train MAML and spectral MAML from the same initialisation on the same "
+        "episodes of the meta-train classes, score both on episodes of held-out classes; "
+        "write config.json, env.json, runs/*.json, results.csv and report.md to OUT.")
+    p.add_argument("--datasets", type=_csv, default=list(d.datasets),
+                   help="comma-separated data sets (default bundled)")
+    p.add_argument("--methods", type=_csv, default=list(d.methods),
+                   help="maml, spectral_maml (default both)")
+    p.add_argument("--n-way", type=int, default=d.n_way)
+    p.add_argument("--shots", type=_ints, default=list(d.shots), help="K values (default 1,5)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds: 0..N-1 (default 1)")
+    for name in ("n_query", "width", "meta_iters", "meta_batch", "inner_steps",
+                 "test_inner_steps", "test_episodes", "rank"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                       help=f"default {getattr(d, name)}")
+    p.add_argument("--inner-lr", type=float, default=d.inner_lr)
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    p.add_argument("--side", choices=("output", "input"), default=d.side)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--data-root", help="folder with the data files (default: the data search)")
+    p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's)")
+    p.add_argument("--out", default="runs/fewshot", help="output folder")
+    p.add_argument("--resume", action="store_true", help="keep finished cells of OUT")
+    p.set_defaults(func=cmd_fewshot)
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    """``dsbp fewshot ...``."""
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = FewshotConfig(
+        datasets=tuple(args.datasets), methods=tuple(args.methods), n_way=args.n_way,
+        shots=tuple(args.shots), seeds=tuple(range(args.seeds)), n_query=args.n_query,
+        width=args.width, meta_iters=args.meta_iters, meta_batch=args.meta_batch,
+        inner_steps=args.inner_steps, test_inner_steps=args.test_inner_steps,
+        inner_lr=args.inner_lr, outer_lr=args.outer_lr, test_episodes=args.test_episodes,
+        rank=args.rank, side=args.side, device=args.device, data_root=args.data_root)
+    made = fewshot(cfg, args.out, command=getattr(args, "command_line", None),
+                   resume=args.resume)
+    print(f"wrote {made['csv']}, {made['report']}")
+    return 0
+
+
+__all__ = ["METHODS", "FewshotConfig", "add_parser", "cell_name", "cmd_fewshot", "conv4",
+           "fewshot", "finish_fewshot", "mean_ci95", "run_cell", "split_classes"]
