@@ -93,11 +93,15 @@ def test_zero_lr_tta_is_bn_statistics_and_standalone_cli(bench_out, capsys):
         assert acc[(kind, "spectral_tta")] == acc[(kind, "bn_stats")]
     # write=False left the bench's files alone; `dsbp shift OUT` redoes them with new settings.
     assert (bench_out / "results.csv").read_text() == before
-    rc = main(["shift", str(bench_out), "--kinds", "blur", "--severities", "1", "--tta",
-               "none,bn_stats", "--threads", "1"])
+    rc = main(["shift", str(bench_out), "--kinds", "blur,contrast", "--severities", "0,1",
+               "--tta", "none,bn_stats", "--threads", "1"])
     assert rc == 0
-    methods = {r["method"] for r in _rows(bench_out)}
-    assert methods == {"sgd", "sgd+none@blur1", "sgd+bn_stats@blur1"}
+    rows = {r["method"]: r for r in _rows(bench_out)}
+    assert set(rows) == {"sgd"} | {f"sgd+{t}@{k}{s}" for t in ("none", "bn_stats")
+                                   for k in ("blur", "contrast") for s in (0, 1)}
+    # The clean stream (run once, repeated under each kind) is still the run's accuracy.
+    for k in ("blur", "contrast"):
+        assert rows[f"sgd+none@{k}0"]["test_acc"] == rows["sgd"]["test_acc"]
     report = (bench_out / "report.md").read_text()
     assert "| data set | model | method | shift | severity | runs | none | bn_stats |" in report
     assert "| bundled | cnn | sgd | blur | 1 | 1 |" in report

@@ -22,11 +22,13 @@ initialisation on the same training episodes and scored on the same test episode
 
 Protocol [ours] (as ``scripts/ext_meta.py``, which produced ``results/extensions/meta``):
 
-- classes split at random (seed) into disjoint meta-train / meta-test classes: 50/50 for the
-  10-class data sets (``dsbp.data.episodes.class_split``), 70/30 for Tiny ImageNet; meta-train
-  episodes come from the train split, meta-test episodes from the test split (Tiny ImageNet: the
-  train and test images of the meta-test classes, whose 64x64 images are average-pooled to
-  32x32 for CPU time);
+- classes split at random (seed) into disjoint meta-train / meta-test classes
+  (``dsbp.data.episodes.class_split``): 50/50 for data sets of at most 10 classes, 70/30 above
+  (the 200-class Tiny ImageNet subset); meta-train episodes come from the train split,
+  meta-test episodes from the test split (above 10 classes: the train and test images of the
+  meta-test classes, too few test images per class otherwise); images of 64 pixels or more
+  on a side in a data set of more than 10 classes are average-pooled 2x2 (64x64 -> 32x32) for
+  CPU time;
 - the MAML paper's conv-4 (``width`` channels, BatchNorm on per-task batch statistics, in
   training and at test), first-order meta-gradients, Adam in the outer loop;
 - meta-train episode ``i * meta_batch + j`` of a seed is task ``j`` of meta-iteration ``i``;
@@ -180,7 +182,7 @@ def split_classes(ds: Any, seed: int) -> SplitData:
     n_cls = len(ds.classes)
     if n_cls < 2:
         raise ValueError(f"{ds.name}: few-shot episodes need at least 2 classes, got {n_cls}")
-    if n_cls > 10:  # Tiny ImageNet subset: 64x64 -> 32x32 [ours: CPU budget], 70/30 split
+    if n_cls > 10:  # e.g. the Tiny ImageNet subset: 70/30 split, 64x64 -> 32x32 [ours: CPU]
         if x_tr.shape[-1] >= 64:
             def pool(x: torch.Tensor) -> torch.Tensor:
                 return F.avg_pool2d(x.float(), 2).round().to(torch.uint8)
