@@ -118,3 +118,5 @@ def test_bad_input_is_rejected():
         parse_tta("tent,sar")
     with pytest.raises(ValueError, match="not a run directory"):
         shift_run("/nonexistent", ["rotate"], [1])
+    with pytest.raises(ValueError, match="tta_steps"):
+        shift_run("/nonexistent", ["rotate"], [1], tta_steps=0)

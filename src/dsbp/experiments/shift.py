@@ -167,7 +167,8 @@ def shift_run(
         ``{"skipped": reason, ...}`` (also written).
 
     Raises:
-        ValueError: bad kinds, severities, methods or batch size; ``run_dir`` not a run.
+        ValueError: bad kinds, severities, methods, batch size or test-time settings;
+            ``run_dir`` not a run.
     """
     from dsbp.data import load_dataset
     from dsbp.data.shifts import apply_shift
@@ -178,8 +179,12 @@ def shift_run(
 
     kinds, severities, methods = parse_kinds(kinds), parse_severities(severities), \
         parse_tta(methods)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for name, v in (("batch_size", batch_size), ("tta_steps", tta_steps),
+                    ("tta_rank", tta_rank)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not tta_lr >= 0.0:
+        raise ValueError(f"tta_lr must be >= 0, got {tta_lr}")
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise ValueError(f"{run_dir} is not a run directory (no config.json)")
