@@ -80,6 +80,12 @@ def test_bench_rows_and_clean_stream_is_the_run_accuracy(bench_out):
     report = (bench_out / "report.md").read_text()
     assert "## Shifted test streams" in report
     assert "| bundled | cnn | sgd | rotate | 3 | 1 |" in report
+    assert "| bundled | cnn | sgd | clean | 0 | 1 |" in report
+    # The summary over shifted streams: here the one stream rotate@3.
+    r3 = [100 * float(by_method[f"sgd+{t}@rotate3"]["test_acc"])
+          for t in ("none", "tent", "spectral_tta")]
+    assert "| bundled | cnn | sgd | 1 | " + " | ".join(f"{v:.2f} (n=1)" for v in r3) + " |" \
+        in report
 
 
 def test_zero_lr_tta_is_bn_statistics_and_standalone_cli(bench_out, capsys):

@@ -422,10 +422,33 @@ def shift_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
         key = (r["dataset"], r["model"], base, r["shift"], int(r["severity"]))
         groups.setdefault(key, {}).setdefault(r["tta"], []).append(r["test_acc"])
         counts.setdefault(key, set()).add(r["run"])
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], KINDS.index(k[3]), k[4])):
+    shown_clean: set[tuple] = set()
+    shifted: dict[tuple, dict[str, list[float]]] = {}  # per run: mean over shifted streams
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[4] > 0, KINDS.index(k[3]),
+                                             k[4])):
         g = groups[key]
-        lines.append("| " + " | ".join([*map(str, key), str(len(counts[key])),
+        if key[4] == 0:  # the clean stream is the same for every kind: one line
+            if key[:3] in shown_clean:
+                continue
+            shown_clean.add(key[:3])
+        cells = [*key[:3], "clean" if key[4] == 0 else key[3], str(key[4])]
+        lines.append("| " + " | ".join([*cells, str(len(counts[key])),
                                         *[_ms(g.get(m, [])) for m in ttas]]) + " |")
+    for r in sr:
+        if int(r["severity"]) > 0:
+            k = (r["dataset"], r["model"], str(r["method"]).split("+")[0])
+            per_run = shifted.setdefault(k, {}).setdefault(r["tta"], {})
+            per_run.setdefault(r["run"], []).append(float(r["test_acc"]))
+    if shifted:
+        lines += ["", "Mean over the shifted streams (severity > 0) of each run, then mean ± "
+                  "sample std over seeds:", "",
+                  "| data set | model | method | streams | " + " | ".join(ttas) + " |",
+                  "|" + "---|" * (4 + len(ttas))]
+        for k in sorted(shifted):
+            per = shifted[k]
+            n = max(len(v) for runs in per.values() for v in runs.values())
+            means = {m: [sum(v) / len(v) for v in per.get(m, {}).values()] for m in ttas}
+            lines.append("| " + " | ".join([*k, str(n), *[_ms(means[m]) for m in ttas]]) + " |")
     if skipped:
         lines += ["", "Left out:", "", *skipped]
     return lines
