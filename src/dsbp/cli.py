@@ -139,12 +139,42 @@ def _grid_from_args(args: argparse.Namespace) -> tuple[list[Any], str | None]:
     return runs, (preset.name if preset else None)
 
 
+def _bench_fewshot(args: argparse.Namespace) -> int:
+    """``dsbp bench --methods maml,spectral_maml``: the few-shot methods train on episodes, not
+    on the supervised loop, so the grid goes to :func:`dsbp.experiments.fewshot.fewshot` (same
+    output layout as ``dsbp fewshot``: results.csv, report.md, one JSON per cell)."""
+    from dsbp.experiments.fewshot import METHODS as FEWSHOT
+    from dsbp.experiments.fewshot import FewshotConfig, fewshot
+
+    other = [m for m in args.methods if m not in FEWSHOT]
+    if other:
+        raise ValueError(f"few-shot methods {sorted(FEWSHOT)} cannot share a grid with "
+                         f"{other}: run them in separate `dsbp bench` calls")
+    if args.nproc > 1 or _torchrun_world_size() > 1:
+        raise ValueError("few-shot methods run in one process; drop --nproc / torchrun")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    base = FewshotConfig()
+    cfg = FewshotConfig(
+        datasets=tuple(args.datasets or base.datasets), methods=tuple(args.methods),
+        seeds=tuple(range(args.seeds)) if args.seeds else base.seeds,
+        device=args.device or base.device, data_root=args.data_root)
+    made = fewshot(cfg, args.out or "runs/fewshot", command=args.command_line,
+                   resume=bool(args.resume))
+    print(f"wrote {made['csv']}, {made['report']}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``dsbp bench``: run the grid; exit status 1 if any run raised (status ``error``)."""
     from dsbp.experiments.sweep import bench
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.methods and set(args.methods) & {"maml", "spectral_maml"}:
+        return _bench_fewshot(args)
     from dsbp.experiments.prune import bench_taus
 
     prune_taus = bench_taus(args)  # --prune / --ablate prune=...: taken out of the grid
