@@ -47,12 +47,12 @@ from typing import Any
 import torch
 
 from dsbp.experiments import atomic
+from dsbp.experiments.finished import SkipRun, for_each_run, load_finished
 
 MODES = ("factorise", "prune")
 
 # Methods whose checkpointed model is not the plain network of config.json (a wrapper with
 # extra or frozen parameters): the ablation is not defined for them.
-WRAPPED_METHODS = ("lora", "spectral_adapter")
 
 # Columns the ablation adds to results.csv (after the usual ones and the ablated settings).
 PRUNE_COLUMNS = ["tau", "params", "flops", "latency_ms", "acc_before_ft", "loss_before_ft"]
@@ -146,8 +146,8 @@ def prune_run(
     Raises:
         ValueError: bad ``mode``, ``taus`` or ``finetune_epochs``; ``run_dir`` not a run.
     """
-    from dsbp.experiments.build import build_model_for, load_data, resolve_device
-    from dsbp.experiments.run import load_config, read_result, seed_everything
+    from dsbp.experiments.build import resolve_device
+    from dsbp.experiments.run import load_config, seed_everything
     from dsbp.extensions import architecture as arch
 
     if mode not in MODES:
@@ -173,24 +173,11 @@ def prune_run(
             atomic.write_json(run_dir / "prune.json", out)
         return out
 
-    res = read_result(run_dir)
-    if res is None or res.status != "ok":
-        return skipped(f"run status is {res.status if res else 'unfinished'}, not ok")
-    if cfg.method in WRAPPED_METHODS:
-        return skipped(f"method {cfg.method!r} trains a wrapped model (adapter / LoRA "
-                       "parameters), not the plain network the factorisation applies to")
-    if not (run_dir / "checkpoint.pt").exists():
-        return skipped("no checkpoint.pt (the final weights were not kept)")
-
     dev = resolve_device(device or cfg.device)
-    data = load_data(cfg, dev, dataset)
-    model = build_model_for(cfg, data).to(dev)
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location=dev, weights_only=True)
-    state = ckpt["model"]
-    if set(state) != set(model.state_dict()):
-        return skipped("checkpoint's model keys differ from the network config.json builds "
-                       "(a wrapped model)")
-    model.load_state_dict(state)
+    try:
+        res, _, data, model = load_finished(run_dir, cfg, dev, dataset)
+    except SkipRun as why:
+        return skipped(str(why))
     model.eval()
     input_shape = (data.in_channels, data.image_size, data.image_size)
 
@@ -302,30 +289,13 @@ def prune_bench(
     Returns:
         The ``prune.json`` contents, in run-name order.
     """
-    from dsbp.data import load_dataset
-    from dsbp.experiments.run import load_config
-
-    runs_dir = Path(out) / "runs"
-    if not runs_dir.is_dir():
-        raise ValueError(f"{out} is not a `dsbp bench` output folder (no runs/ inside)")
     want = {"mode": mode, "finetune_epochs": finetune_epochs, "taus": parse_taus(taus),
             "finetune_lr": kwargs.get("finetune_lr")}
-    cache: dict[tuple[str, str | None], Any] = {}
-    done = []
-    for rdir in sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists()):
-        old = rdir / "prune.json"
-        if resume and old.exists():
-            prev = json.loads(old.read_text())
-            if all(prev.get(k) == v for k, v in want.items()) and "skipped" not in prev:
-                done.append(prev)
-                continue
-        cfg = load_config(rdir)
-        key = (cfg.dataset, cfg.data_root)
-        if key not in cache:
-            cache[key] = load_dataset(cfg.dataset, root=cfg.data_root)
-        done.append(prune_run(rdir, want["taus"], mode, finetune_epochs, dataset=cache[key],
-                              log=log, **kwargs))
-    return done
+    return for_each_run(
+        out, "prune.json", want,
+        lambda rdir, ds: prune_run(rdir, want["taus"], mode, finetune_epochs, dataset=ds,
+                                   log=log, **kwargs),
+        resume=resume)
 
 
 def _fmt_tau(tau: float) -> str:

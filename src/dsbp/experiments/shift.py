@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from dsbp.experiments import atomic
+from dsbp.experiments.finished import SkipRun, for_each_run, load_finished
 
 # Test-time methods of dsbp.extensions.inference.TTA_METHODS run by default.
 DEFAULT_TTA = ("none", "tent", "spectral_tta")
@@ -53,7 +54,6 @@ KNOWN_TTA = ("none", "bn_stats", "tent", "spectral_tta")
 KINDS = ("rotate", "noise", "blur", "contrast")
 
 # Methods whose checkpointed model is not the plain network of config.json.
-WRAPPED_METHODS = ("lora", "spectral_adapter")
 
 # Columns the shift rows add to results.csv.
 SHIFT_COLUMNS = ["tta", "shift", "severity"]
@@ -170,11 +170,9 @@ def shift_run(
         ValueError: bad kinds, severities, methods, batch size or test-time settings;
             ``run_dir`` not a run.
     """
-    from dsbp.data import load_dataset
     from dsbp.data.shifts import apply_shift
-    from dsbp.experiments.build import build_model_for, load_data
     from dsbp.experiments.prune import _evaluate
-    from dsbp.experiments.run import load_config, read_result
+    from dsbp.experiments.run import load_config
     from dsbp.extensions.inference import shift_benchmark
 
     kinds, severities, methods = parse_kinds(kinds), parse_severities(severities), \
@@ -202,24 +200,11 @@ def shift_run(
             atomic.write_json(run_dir / "shift.json", out)
         return out
 
-    res = read_result(run_dir)
-    if res is None or res.status != "ok":
-        return skipped(f"run status is {res.status if res else 'unfinished'}, not ok")
-    if cfg.method in WRAPPED_METHODS:
-        return skipped(f"method {cfg.method!r} trains a wrapped model (adapter / LoRA "
-                       "parameters), not the plain network config.json builds")
-    if not (run_dir / "checkpoint.pt").exists():
-        return skipped("no checkpoint.pt (the final weights were not kept)")
-
     dev = torch.device("cpu")  # shift_benchmark normalises its batches on the CPU
-    ds = dataset if dataset is not None else load_dataset(cfg.dataset, root=cfg.data_root)
-    data = load_data(cfg, dev, ds)
-    model = build_model_for(cfg, data).to(dev)
-    state = torch.load(run_dir / "checkpoint.pt", map_location=dev, weights_only=True)["model"]
-    if set(state) != set(model.state_dict()):
-        return skipped("checkpoint's model keys differ from the network config.json builds "
-                       "(a wrapped model)")
-    model.load_state_dict(state)
+    try:
+        res, ds, data, model = load_finished(run_dir, cfg, dev, dataset)
+    except SkipRun as why:
+        return skipped(str(why))
     model.eval()
     _, clean_acc = _evaluate(model, data.test)
     x_te, y_te = _test_split(cfg, ds)
@@ -295,32 +280,15 @@ def shift_bench(
     Returns:
         The ``shift.json`` contents, in run-name order.
     """
-    from dsbp.data import load_dataset
-    from dsbp.experiments.run import load_config
-
-    runs_dir = Path(out) / "runs"
-    if not runs_dir.is_dir():
-        raise ValueError(f"{out} is not a `dsbp bench` output folder (no runs/ inside)")
     want = {"kinds": parse_kinds(kinds), "severities": parse_severities(severities),
             "tta": parse_tta(methods)}
     want.update({k: kwargs[k] for k in ("batch_size", "stream_seed", "tta_lr", "tta_steps",
                                          "tta_rank") if k in kwargs})
-    cache: dict[tuple[str, str | None], Any] = {}
-    done = []
-    for rdir in sorted(p for p in runs_dir.iterdir() if (p / "config.json").exists()):
-        old = rdir / "shift.json"
-        if resume and old.exists():
-            prev = json.loads(old.read_text())
-            if all(prev.get(k) == v for k, v in want.items()) and "skipped" not in prev:
-                done.append(prev)
-                continue
-        cfg = load_config(rdir)
-        key = (cfg.dataset, cfg.data_root)
-        if key not in cache:
-            cache[key] = load_dataset(cfg.dataset, root=cfg.data_root)
-        done.append(shift_run(rdir, want["kinds"], want["severities"], want["tta"],
-                              dataset=cache[key], log=log, **kwargs))
-    return done
+    return for_each_run(
+        out, "shift.json", want,
+        lambda rdir, ds: shift_run(rdir, want["kinds"], want["severities"], want["tta"],
+                                   dataset=ds, log=log, **kwargs),
+        resume=resume)
 
 
 def _read_shift(rdir: Path) -> dict[str, Any] | None:
