@@ -36,7 +36,7 @@ shifted streams of :func:`dsbp.data.shifts.apply_shift`.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -64,8 +64,8 @@ class AdaptiveSpectralProjector(SpectralProjector):
     """SpectralProjector with an EMA covariance, drift probes and an adaptive interval.
 
     Args:
-        model, rank, power_iters, side, sharpness, max_rows, layers: as for
-            :class:`~dsbp.SpectralProjector`.
+        model, rank, *args: as for :class:`~dsbp.SpectralProjector` (then power_iters, side,
+            sharpness, max_rows, layers).
         interval: the starting interval p (steps between scheduled refreshes).
         rho: EMA factor of the covariance in [0, 1); 0 disables the EMA (default 0.9).
         tau: drift threshold in (0, 1] (default 0.3).
@@ -91,12 +91,7 @@ class AdaptiveSpectralProjector(SpectralProjector):
         model: nn.Module,
         rank: int = 10,
         interval: int = 100,
-        power_iters: int = 5,
-        side: str = "output",
-        sharpness: float = 0.1,
-        max_rows: int = 8192,
-        layers: Iterable[str] | None = None,
-        *,
+        *args: Any,
         rho: float = 0.9,
         tau: float = 0.3,
         p_min: int = 10,
@@ -137,9 +132,7 @@ class AdaptiveSpectralProjector(SpectralProjector):
         self._fresh_now = False
         self.history: list[dict] = []
         interval = min(max(int(interval), p_min), p_max)
-        super().__init__(
-            model, rank, interval, power_iters, side, sharpness, max_rows, layers, **kwargs
-        )
+        super().__init__(model, rank, interval, *args, **kwargs)
 
     # ------------------------------------------------------------------ schedule
     def _probe_due(self, st: LayerState) -> bool:

@@ -29,7 +29,7 @@ scale-free **[ours]**; the flow's contraction along the eigengap is then about
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -49,8 +49,7 @@ class LieSpectralProjector(SpectralProjector):
     """SpectralProjector whose bases follow the double-bracket flow between refreshes.
 
     Args:
-        model, rank, interval, power_iters, side, sharpness, max_rows, layers: as for
-            :class:`~dsbp.SpectralProjector`.
+        model, *args: as for :class:`~dsbp.SpectralProjector` (rank, interval, ...).
         track_every: steps between Cayley tracking steps (1: every step that is not a refresh).
         lie_step: c in ``eps = c / lambda_1`` (default 0.5) [ours].
         **kwargs: the parent's keyword-only arguments (``oversample``, ``seed``, ...).
@@ -62,14 +61,7 @@ class LieSpectralProjector(SpectralProjector):
     def __init__(
         self,
         model: nn.Module,
-        rank: int = 10,
-        interval: int = 100,
-        power_iters: int = 5,
-        side: str = "output",
-        sharpness: float = 0.1,
-        max_rows: int = 8192,
-        layers: Iterable[str] | None = None,
-        *,
+        *args: Any,
         track_every: int = 1,
         lie_step: float = 0.5,
         **kwargs: Any,
@@ -84,9 +76,7 @@ class LieSpectralProjector(SpectralProjector):
         self.track_every, self.lie_step = track_every, lie_step
         self._master: dict[str, torch.Tensor] = {}  # name -> float64 (d, b) tracked block
         self._tracks: dict[str, int] = {}  # name -> Cayley steps taken
-        super().__init__(
-            model, rank, interval, power_iters, side, sharpness, max_rows, layers, **kwargs
-        )
+        super().__init__(model, *args, **kwargs)
 
     # ------------------------------------------------------------------ capture / refresh
     def _tracking(self, st: LayerState) -> bool:
