@@ -39,9 +39,13 @@ def known_spectrum(eigs: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return U @ torch.diag(eigs.double()) @ U.T
 
 
-def tiny_mlp(seed: int = 0) -> nn.Module:
+def tiny_mlp(seed: int = 0, bn: bool = False) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    layers: list[nn.Module] = [nn.Linear(4, 5)]
+    if bn:
+        layers.append(nn.BatchNorm1d(5))
+    layers += [nn.Tanh(), nn.Linear(5, 3)]
+    return nn.Sequential(*layers).double()
 
 
 def tiny_batches(seed: int = 1, sizes=(8, 4)):
