@@ -353,19 +353,12 @@ class AdaptiveDSBP(DSBP):
     def _sync_group_overrides(self) -> None:
         # Groups may carry rank / sharpness. A group "interval" would overwrite the adaptive
         # interval on every step, so it is rejected: pass the starting interval as ``interval``.
-        for group in self.param_groups:
-            if "interval" in group:
-                raise ValueError(
-                    "AdaptiveDSBP adapts each layer's interval itself; remove "
-                    "'interval' from the param group (use interval=, p_min=, p_max=)"
-                )
-            ov = {k: group[k] for k in ("rank", "sharpness") if k in group}
-            if not ov:
-                continue
-            for p in group["params"]:
-                name = self._weight_to_layer.get(id(p))
-                if name is not None:
-                    self.projector.configure(name, **ov)
+        if any("interval" in group for group in self.param_groups):
+            raise ValueError(
+                "AdaptiveDSBP adapts each layer's interval itself; remove "
+                "'interval' from the param group (use interval=, p_min=, p_max=)"
+            )
+        super()._sync_group_overrides()
 
 
 # ============================================================================ test time
