@@ -81,25 +81,29 @@ def pgd(net, x01, y, eps: float, steps: int = PGD_STEPS, seed: int = 0) -> torch
     """L-inf PGD with a uniform random start in the eps-ball (Madry et al.)."""
     g = torch.Generator().manual_seed(seed)
     alpha = 2.5 * eps / steps
-    x = (x01 + (torch.rand(x01.shape, generator=g) * 2 - 1) * eps).clamp(0, 1)
+    noise = torch.rand(x01.shape, generator=g).to(x01.device)
+    x = (x01 + (noise * 2 - 1) * eps).clamp(0, 1)
     for _ in range(steps):
         x = x + alpha * _grad_sign(net, x, y)
         x = torch.min(torch.max(x, x01 - eps), x01 + eps).clamp(0, 1)
     return x.detach()
 
 
-def evaluate_run(run_dir: Path, cache: dict) -> dict:
+def evaluate_run(run_dir: Path, cache: dict, device: torch.device = torch.device("cpu"),
+                 n_test: int = N_TEST) -> dict:
     cfg = RunConfig.from_json((run_dir / "config.json").read_text())
     if cfg.dataset not in cache:
         ds = load_dataset(cfg.dataset, root=cfg.data_root)
-        x, y = balanced_subset(ds.x_test, ds.y_test, N_TEST, seed=0)
+        x, y = balanced_subset(ds.x_test, ds.y_test, n_test, seed=0)
         cache[cfg.dataset] = (ds, x, y)
     ds, x_u8, y = cache[cfg.dataset]
-    data = load_data(cfg, torch.device("cpu"), dataset=ds)
+    x_u8, y = x_u8.to(device), y.to(device)
+    data = load_data(cfg, device, dataset=ds)
     model = build_model_for(cfg, data)
     ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(ckpt["model"])
-    net = Normalised(model, ds.mean, ds.std).eval()
+    model = model.to(device)
+    net = Normalised(model, ds.mean, ds.std).to(device).eval()
     out = {"method": cfg.method, "seed": cfg.seed, "dataset": cfg.dataset,
            "run": run_dir.name, "clean": accuracy(net, x_u8.float() / 255, y)}
     # End-of-training sharpness: the harness's `hessian` tracker estimator (top eigenvalue of
@@ -143,12 +147,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stages", nargs="+", help="folders holding dsbp bench outputs (one per method)")
     ap.add_argument("--out", default="results/issue7/robustness")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--n-test", type=int, default=N_TEST, help="class-balanced test images")
+    ap.add_argument("--title", default="CPU subset: shows the trend, not the final figure",
+                    help="parenthesised note in the heading of the markdown table")
     ap.add_argument("--only", help="comma-separated configuration names (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the output files (parallel workers)")
     ap.add_argument("--match", help="only run directories whose name contains this "
                     "(e.g. --match=-s2)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
@@ -161,7 +171,7 @@ def main() -> int:
                 continue
             if args.match and args.match not in run_dir.name:
                 continue
-            r = evaluate_run(run_dir, cache)
+            r = evaluate_run(run_dir, cache, device, args.n_test)
             r["label"] = run_dir.parent.parent.name  # the configuration name of the sweep
             print(json.dumps(r), flush=True)
             rows.append(r)
@@ -170,8 +180,8 @@ def main() -> int:
         stem = f"{stage.name}_{args.tag}" if args.tag else stage.name
         (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
         (out / f"{stem}.md").write_text(
-            f"# Robustness, {stage.name} (CPU subset: shows the trend, not the final figure)\n\n"
-            f"Test accuracy (%) on {N_TEST} class-balanced test images; shifts at severities "
+            f"# Robustness, {stage.name} ({args.title})\n\n"
+            f"Test accuracy (%) on {args.n_test} class-balanced test images; shifts at severities "
             f"{SEVERITIES}; FGSM / PGD-{PGD_STEPS} L-inf in pixel units.\n\n"
             + summarise(rows, lambda r: r["label"]) + "\n")
     return 0

@@ -59,6 +59,8 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--model", help="model name (cnn, mlp, resnet18, vit)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seeds", type=int, help="number of seeds: runs seeds 0..N-1")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="runs seeds F..F+N-1 instead (e.g. one seed per parallel worker)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="peak learning rate (eta)")
     p.add_argument("--schedule", choices=("constant", "cosine", "linear", "onecycle"))
@@ -135,7 +137,10 @@ def _grid_from_args(args: argparse.Namespace) -> tuple[list[Any], str | None]:
             raise ValueError(f"--ablate {key} given twice")
         ablations[key] = values
     overrides = dict(preset.method_overrides) if preset else {}
-    runs = expand_grid(base, datasets, methods, list(range(n_seeds)), ablations, overrides)
+    if args.first_seed < 0:
+        raise ValueError(f"--first-seed must be >= 0, got {args.first_seed}")
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
+    runs = expand_grid(base, datasets, methods, seeds, ablations, overrides)
     return runs, (preset.name if preset else None)
 
 

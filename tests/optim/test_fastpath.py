@@ -160,3 +160,34 @@ def test_float64_bases(fmnist_batch):
     for a, b in zip(m_ref.parameters(), m_fast.parameters(), strict=True):
         assert a.grad.dtype == torch.float32
         assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_cuda_stacked_path_matches_reference_loop(fmnist_batch, side):
+    """On a GPU the stacked (bmm) path is the default policy; under bf16 autocast and
+    channels_last it must still give the reference loop's gradients, over three steps with
+    two refreshes."""
+    x, y = (t.cuda() for t in fmnist_batch)
+    x = x.contiguous(memory_format=torch.channels_last)
+    (m_ref, p_ref), (m_fast, p_fast) = _pair(side, 0.1, stack=False)
+    for m in (m_ref, m_fast):
+        m.cuda().to(memory_format=torch.channels_last)
+    for step in range(3):
+        xb, yb = x[32 * step: 32 * step + 32], y[32 * step: 32 * step + 32]
+        m_fast.load_state_dict(m_ref.state_dict())
+        if step:
+            p_fast.load_state_dict(p_ref.state_dict())
+        for m, p in ((m_ref, p_ref), (m_fast, p_fast)):
+            m.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(m(xb), yb)
+            loss.backward()
+            p.project_()
+        for (n, a), (_, b) in zip(m_ref.named_parameters(), m_fast.named_parameters(),
+                                  strict=True):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), (n, step)
+        with torch.no_grad():
+            for a in m_ref.parameters():
+                a.sub_(0.1 * a.grad)
+    assert len(getattr(p_fast, "_stack_cache", {})) >= 2  # the GPU policy stacked the groups

@@ -388,6 +388,9 @@ def run(
                              f"{world_size}; choose --subset or --batch-size so that it is")
         data = dataclasses.replace(data, train=RankShard(data.train, rank, world_size))
     model = build_model_for(cfg, data).to(device)
+    if device.type == "cuda" and data.test.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if world_size > 1 and device.type == "cuda":  # SyncBatchNorm needs CUDA (torch 2.13)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loss_fn = build_loss(cfg)
