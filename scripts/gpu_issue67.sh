@@ -109,7 +109,7 @@ torch.version.cuda, torch.cuda.get_device_name())"; git log -1 --format=%H; npro
       wait
       tail -n 2 "$W"/logs/robust_*.log ;;
     pack)
-      tar czf "$OUT/gpu_results.tgz" --exclude='*.pt' -C "$ROOT" runs/gpu
+      tar czf "$OUT/gpu_results.tgz" --exclude='*.pt' --exclude='*.tmp' --exclude='*.pt.*' -C "$ROOT" runs/gpu
       ls -la "$OUT" ;;
     _worker) ;;  # handled below
     *) echo "unknown stage $1" >&2; return 2 ;;
