@@ -6,8 +6,12 @@ Arms (each its own model copy, same initialisation, same real data batches):
 * ``dsbp``: DSBP around the same base, the default (fast, batched) projection path, no refresh
   inside the timed steps (the first step refreshes, then ``interval`` is effectively infinite).
 * ``dsbp_loop``: the same with the reference per-layer loop (``projector._batched = False``).
+* ``dsbp_eager`` (GPU only): the default path without the CUDA graph (``cuda_graph=False``):
+  the stacked products launched from Python every step.
 * ``dsbp_refresh``: DSBP with ``interval=1``: every step captures activations and re-solves the
   eigenproblem. ``(t_refresh - t_dsbp) / p`` is the refresh cost amortised over ``p`` steps.
+* ``dsbp_refresh_layer`` (GPU only): the same with the per-layer refresh instead of the
+  batched one (``projector._batch_refresh = False``).
 
 Each repeat runs one full training step (forward + backward + optimizer step) of every arm, in
 a rotating order, timing forward+backward and the optimizer step separately. Reported: medians
@@ -83,12 +87,20 @@ def main(argv: list[str] | None = None) -> dict:
         kw = dict(lr=0.01, momentum=0.9)
         if arm == "base":
             return m, torch.optim.SGD(m.parameters(), **kw)
-        interval = 1 if arm == "dsbp_refresh" else NEVER
-        opt = DSBP(m, torch.optim.SGD, rank=args.rank, interval=interval, **kw)
+        interval = 1 if arm.startswith("dsbp_refresh") else NEVER
+        opt = DSBP(m, torch.optim.SGD, rank=args.rank, interval=interval,
+                   projector_kwargs={"cuda_graph": arm != "dsbp_eager"}, **kw)
         opt.projector._batched = arm != "dsbp_loop"
+        if arm == "dsbp_refresh_layer":
+            opt.projector._batch_refresh = False
         return m, opt
 
-    arms = {a: make(a) for a in ("base", "dsbp", "dsbp_loop", "dsbp_refresh")}
+    variants: tuple[str, ...] = ("dsbp", "dsbp_loop")
+    if device.type == "cuda":
+        variants = ("dsbp", "dsbp_eager", "dsbp_loop")
+    refreshes = ("dsbp_refresh", "dsbp_refresh_layer") if device.type == "cuda" \
+        else ("dsbp_refresh",)
+    arms = {a: make(a) for a in ("base", *variants, *refreshes)}
     times: dict[str, dict[str, list[float]]] = {a: {"fb": [], "step": []} for a in arms}
     it = 0
 
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     # optimizer step, which on a GPU exposes the host's kernel-launch time of the step; a
     # training loop never waits there. Here each arm runs `block` consecutive steps between
     # two synchronisations (dsbp_refresh excluded: its per-step eigensolve syncs anyway).
-    blocks: dict[str, list[float]] = {a: [] for a in ("base", "dsbp", "dsbp_loop")}
+    blocks: dict[str, list[float]] = {a: [] for a in ("base", *variants)}
     if args.block:
         bnames = list(blocks)
 
@@ -159,13 +171,13 @@ def main(argv: list[str] | None = None) -> dict:
         res["arms"][a] = {"fwd_bwd_s": summary(times[a]["fb"]), "step_s": summary(times[a]["step"]),
                           "full_s": summary(full(a))}
     base_full, base_step = full("base"), times["base"]["step"]
-    for a in ("dsbp", "dsbp_loop"):
+    for a in variants:
         res[f"{a}_full_ratio"] = ratio(full(a), base_full)
         res[f"{a}_step_ratio"] = ratio(times[a]["step"], base_step)
     # Lower-noise estimate: forward+backward is the same code in every arm (the hooks return
     # at once off refresh steps), so pool it from all arms and add each arm's optimizer step.
-    fb_all = statistics.median([t for a in ("base", "dsbp", "dsbp_loop") for t in times[a]["fb"]])
-    for a in ("dsbp", "dsbp_loop"):
+    fb_all = statistics.median([t for a in ("base", *variants) for t in times[a]["fb"]])
+    for a in variants:
         res[f"{a}_full_ratio_pooled_fwd_bwd"] = (
             (fb_all + statistics.median(times[a]["step"]))
             / (fb_all + statistics.median(base_step)))
@@ -176,13 +188,18 @@ def main(argv: list[str] | None = None) -> dict:
     res["refresh_cost_s"] = summary(refresh_extra)
     res["refresh_amortised_fraction"] = summary(
         [e / args.p / b for e, b in zip(refresh_extra, base_full, strict=True)])
+    if "dsbp_refresh_layer" in arms:  # the per-layer refresh, for comparison (GPU only)
+        extra = [r - d for r, d in zip(full("dsbp_refresh_layer"), full("dsbp"), strict=True)]
+        res["refresh_layer_cost_s"] = summary(extra)
+        res["refresh_layer_amortised_fraction"] = summary(
+            [e / args.p / b for e, b in zip(extra, base_full, strict=True)])
     med = res["dsbp_full_ratio"]["median"] + res["refresh_amortised_fraction"]["median"]
     res["dsbp_full_ratio_with_refresh_median"] = med
     if args.block:
         res["block"] = {"steps_per_block": args.block, "blocks": args.blocks}
         for a in blocks:
             res["block"][f"{a}_step_s"] = summary(blocks[a])
-        for a in ("dsbp", "dsbp_loop"):
+        for a in variants:
             # blocks of one round are adjacent in time: pair them for the ratio
             res["block"][f"{a}_ratio"] = ratio(blocks[a], blocks["base"])
         res["block"]["dsbp_ratio_with_refresh_median"] = (
@@ -191,18 +208,22 @@ def main(argv: list[str] | None = None) -> dict:
     path = write_json(name, res)
     print(f"{args.model} {device.type} {args.dtype} batch {args.batch}: "
           f"base full {statistics.median(base_full) * 1e3:.1f} ms")
-    for a in ("dsbp", "dsbp_loop"):
+    for a in variants:
         fr, sr = res[f"{a}_full_ratio"], res[f"{a}_step_ratio"]
         print(f"  {a:10s} full-step ratio {fr['median']:.3f} (IQR {fr['q1']:.3f}-{fr['q3']:.3f}),"
               f" optimizer-step ratio {sr['median']:.2f}, pooled-fwd/bwd full ratio "
               f"{res[a + '_full_ratio_pooled_fwd_bwd']:.4f} (+{res[a + '_step_extra_ms']:.2f} ms)")
     print(f"  refresh: {res['refresh_cost_s']['median'] * 1e3:.1f} ms each, amortised over "
           f"p={args.p}: {100 * res['refresh_amortised_fraction']['median']:.2f}% of a base step")
+    if "refresh_layer_cost_s" in res:
+        ms = res["refresh_layer_cost_s"]["median"] * 1e3
+        print(f"  per-layer refresh (not batched): {ms:.1f} ms each, "
+              f"{100 * res['refresh_layer_amortised_fraction']['median']:.2f}%")
     if args.block:
         b = res["block"]
         print(f"  block timing ({args.block} steps, no sync inside): base "
               f"{b['base_step_s']['median'] * 1e3:.2f} ms/step")
-        for a in ("dsbp", "dsbp_loop"):
+        for a in variants:
             br = b[f"{a}_ratio"]
             print(f"  {a:10s} block ratio {br['median']:.4f} (IQR {br['q1']:.4f}-{br['q3']:.4f})")
         print(f"  dsbp block ratio + amortised refresh: {b['dsbp_ratio_with_refresh_median']:.4f}")

@@ -89,8 +89,9 @@ def pgd(net, x01, y, eps: float, steps: int = PGD_STEPS, seed: int = 0) -> torch
     return x.detach()
 
 
-def evaluate_run(run_dir: Path, cache: dict, device: torch.device = torch.device("cpu"),
+def evaluate_run(run_dir: Path, cache: dict, device: torch.device | None = None,
                  n_test: int = N_TEST) -> dict:
+    device = device or torch.device("cpu")
     cfg = RunConfig.from_json((run_dir / "config.json").read_text())
     if cfg.dataset not in cache:
         ds = load_dataset(cfg.dataset, root=cfg.data_root)
@@ -106,6 +107,11 @@ def evaluate_run(run_dir: Path, cache: dict, device: torch.device = torch.device
     net = Normalised(model, ds.mean, ds.std).to(device).eval()
     out = {"method": cfg.method, "seed": cfg.seed, "dataset": cfg.dataset,
            "run": run_dir.name, "clean": accuracy(net, x_u8.float() / 255, y)}
+    # Norm of all conv weights: with BatchNorm after them the loss is invariant to their scale,
+    # so Hessian eigenvalues scale like 1 / ||w||^2 and are comparable only beside it.
+    out["weight_norm"] = float(sum(float((m.weight.detach().float() ** 2).sum())
+                                   for m in model.modules()
+                                   if isinstance(m, torch.nn.Conv2d)) ** 0.5)
     # End-of-training sharpness: the harness's `hessian` tracker estimator (top eigenvalue of
     # the training-loss Hessian on the first HESSIAN_BATCHES batches of epoch 0, Lanczos,
     # fixed start vector), computed once from the final checkpoint.
@@ -136,7 +142,7 @@ def summarise(rows: list[dict], label_of) -> str:
     for label, rs in groups.items():
         cells = []
         for k in keys:
-            v = [(1 if k == "hessian_top" else 100) * r[k] for r in rs]
+            v = [(1 if k in ("hessian_top", "weight_norm") else 100) * r[k] for r in rs]
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}")
         lines.append(f"| {label} ({len(rs)}) | " + " | ".join(cells) + " |")

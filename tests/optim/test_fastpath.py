@@ -164,13 +164,14 @@ def test_float64_bases(fmnist_batch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("side", ["output", "input"])
-def test_cuda_stacked_path_matches_reference_loop(fmnist_batch, side):
-    """On a GPU the stacked (bmm) path is the default policy; under bf16 autocast and
-    channels_last it must still give the reference loop's gradients, over three steps with
-    two refreshes."""
+@pytest.mark.parametrize("graph", [True, False])
+def test_cuda_stacked_path_matches_reference_loop(fmnist_batch, side, graph):
+    """On a GPU the stacked (bmm) path is the default policy, replayed as a CUDA graph unless
+    ``cuda_graph=False``; under bf16 autocast and channels_last both must give the reference
+    loop's gradients, over three steps with two refreshes."""
     x, y = (t.cuda() for t in fmnist_batch)
     x = x.contiguous(memory_format=torch.channels_last)
-    (m_ref, p_ref), (m_fast, p_fast) = _pair(side, 0.1, stack=False)
+    (m_ref, p_ref), (m_fast, p_fast) = _pair(side, 0.1, stack=False, cuda_graph=graph)
     for m in (m_ref, m_fast):
         m.cuda().to(memory_format=torch.channels_last)
     for step in range(3):
@@ -190,4 +191,63 @@ def test_cuda_stacked_path_matches_reference_loop(fmnist_batch, side):
         with torch.no_grad():
             for a in m_ref.parameters():
                 a.sub_(0.1 * a.grad)
-    assert len(getattr(p_fast, "_stack_cache", {})) >= 2  # the GPU policy stacked the groups
+    if graph:
+        assert p_fast._graph is not None and p_fast._graph_builds == 3  # new bases each step
+    else:
+        assert len(getattr(p_fast, "_stack_cache", {})) >= 2  # the GPU policy stacked groups
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("residual,rescale", [(0.0, False), (0.5, True)])
+def test_cuda_graph_trajectory_matches_reference(fmnist_batch, residual, rescale):
+    """Twelve DSBP(SGD) steps with refreshes every 4 steps: the graph is captured once and
+    replayed, with the bases refilled after each refresh; weights agree with the loop's."""
+    x, y = (t.cuda() for t in fmnist_batch)
+    torch.manual_seed(3)
+    m_ref = Repeated().cuda()
+    m_fast = copy.deepcopy(m_ref)
+    kw = dict(rank=4, interval=4, lr=0.05, momentum=0.9,
+              projector_kwargs={"residual": residual, "rescale": rescale})
+    o_ref = DSBP(m_ref, torch.optim.SGD, **kw)
+    o_ref.projector._batched = False
+    o_fast = DSBP(m_fast, torch.optim.SGD, **kw)
+    for step in range(12):
+        xb, yb = x[(12 * step) % 96:][:32], y[(12 * step) % 96:][:32]
+        for m, o in ((m_ref, o_ref), (m_fast, o_fast)):
+            o.zero_grad(set_to_none=True)
+            F.cross_entropy(m(xb), yb).backward()
+            o.step()
+    assert o_fast.projector._graph_builds == 1
+    assert o_fast.projector.num_refreshes("fcs.0") == 3
+    for a, b in zip(m_ref.parameters(), m_fast.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_refresh_equals_per_layer_refresh(fmnist_batch):
+    """The GPU policy (warm-started layers of equal shapes refreshed in one stacked power
+    iteration, one host sync for all health checks), forced on the CPU, gives the per-layer
+    refresh's bases and eigenvalues."""
+    x, y = fmnist_batch
+    (m_ref, p_ref), (m_fast, p_fast) = _pair("output", 0.1, stack=False, power_iters=30)
+    p_ref._batched = True  # same projection path in both arms; only the refresh differs
+    p_ref._batch_refresh = False
+    p_fast._batch_refresh = True
+    calls = []
+    orig = p_fast._refresh_batched
+    p_fast._refresh_batched = lambda warm: (calls.append(len(warm)), orig(warm))[1]
+    for step in range(5):  # refreshes at steps 0 (cold: eigh), 2 and 4 (warm: batched)
+        xb, yb = x[16 * step: 16 * step + 32], y[16 * step: 16 * step + 32]
+        m_fast.load_state_dict(m_ref.state_dict())
+        for m, p in ((m_ref, p_ref), (m_fast, p_fast)):
+            m.zero_grad()
+            F.cross_entropy(m(xb), yb).backward()
+            p.project_()
+    assert calls == [8, 8]  # all 8 layers warm at steps 2 and 4; the cold step 0 is eigh
+    for name in p_ref._layers:
+        a, b = p_ref.layer_state(name), p_fast.layer_state(name)
+        assert a.refreshes == b.refreshes == 3
+        k = a.k
+        assert torch.allclose(a.eigenvalues[:k], b.eigenvalues[:k], rtol=1e-4, atol=1e-6)
+        # same subspace: principal angles ~ 0 (signs may differ)
+        overlap = torch.linalg.matrix_norm(a.block[:, :k].T @ b.block[:, :k]) ** 2 / k
+        assert overlap > 1 - 1e-4, (name, float(overlap))

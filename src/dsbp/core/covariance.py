@@ -21,7 +21,7 @@ def gram_matvec(A: torch.Tensor) -> Matvec:
     """Matrix-free ``V (d, b) -> A^T (A V)``: costs O(n d b) instead of forming the d x d matrix."""
 
     def matvec(V: torch.Tensor) -> torch.Tensor:
-        return A.T @ (A @ V)
+        return A.mT @ (A @ V)  # also for stacks: A (B, n, d), V (B, d, b)
 
     return matvec
 

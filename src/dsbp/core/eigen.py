@@ -18,21 +18,24 @@ def orthonormalize(V: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the column space of ``V`` (d, b) by reduced QR, signs fixed.
 
     The sign of each column is chosen so the diagonal of R is non-negative, which makes the
-    result a deterministic function of ``V``.
+    result a deterministic function of ``V``. A stack (B, d, b) is orthonormalised per matrix.
     """
     Q, R = torch.linalg.qr(V, mode="reduced")
-    s = torch.sign(torch.diagonal(R))
+    s = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     s = torch.where(s == 0, torch.ones_like(s), s)
-    return Q * s
+    return Q * s.unsqueeze(-2)
 
 
 def rayleigh_ritz(matvec: Matvec, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ritz pairs of the operator on span(V) (V orthonormal, (d, b)), eigenvalues descending."""
+    """Ritz pairs of the operator on span(V) (V orthonormal, (d, b)), eigenvalues descending.
+
+    Also for stacks: V (B, d, b) gives eigenvalues (B, b) and vectors (B, d, b).
+    """
     CV = matvec(V)  # (d, b)
-    T = V.T @ CV  # (b, b), symmetric up to round-off
-    T = 0.5 * (T + T.T)
+    T = V.mT @ CV  # (b, b), symmetric up to round-off
+    T = 0.5 * (T + T.mT)
     evals, U = torch.linalg.eigh(T)
-    evals, U = evals.flip(0), U.flip(1)
+    evals, U = evals.flip(-1), U.flip(-1)
     return evals, V @ U
 
 
@@ -44,7 +47,8 @@ def block_power_iteration(
     Args:
         matvec: ``V (d, b) -> C V (d, b)`` for the symmetric PSD operator ``C`` (the activation
             covariance ``C_l = A^T A`` of METHOD.md, applied matrix-free as ``A^T (A V)``).
-        V0: starting block (d, b); the previous basis when warm-starting.
+        V0: starting block (d, b); the previous basis when warm-starting. A stack (B, d, b)
+            runs B independent iterations at once (``matvec`` must then take stacks too).
         iters: number of power iterations (the paper uses 5).
 
     Returns:
