@@ -31,6 +31,8 @@ def overhead() -> list[str]:
     for p in sorted(RESULTS.glob("step_overhead_*.json")):
         r = json.loads(p.read_text())
         a = r["args"]
+        if "block" in r:  # GPU runs: block timing, in gpu_overhead()
+            continue
         model = "SmallCNN" if a["model"] == "cnn" else f"ResNet-18 (width {a['width']})"
         fr = r["dsbp_full_ratio"]
         total = r["dsbp_full_ratio_pooled_fwd_bwd"] + r["refresh_amortised_fraction"]["median"]
@@ -48,20 +50,66 @@ def overhead() -> list[str]:
     return out + [""] + envs
 
 
+def gpu_overhead() -> list[str]:
+    """Step-overhead runs with block timing (``--block``): ratios of blocks of consecutive
+    steps with no synchronisation inside, arms interleaved; plus the refresh cost."""
+    out = ["| model | device / dtype | batch | SGD step (ms, block median) | DSBP (CUDA graph) "
+           "/ SGD (median, IQR) | eager stacked / SGD | reference loop / SGD | refresh (ms): "
+           "batched / per-layer | refresh amortised p=100 | total p=100 | total p=20 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    envs = []
+    for p in sorted(RESULTS.glob("step_overhead_*.json")):
+        r = json.loads(p.read_text())
+        if "block" not in r:
+            continue
+        a, b = r["args"], r["block"]
+        model = "SmallCNN" if a["model"] == "cnn" else f"ResNet-18 (width {a['width']})"
+        base = b["base_step_s"]["median"]
+        ratio = b["dsbp_ratio"]
+        ref = r["refresh_cost_s"]["median"]
+        per_layer = r.get("refresh_layer_cost_s", {}).get("median")
+        eager = b.get("dsbp_eager_ratio", {}).get("median")
+        out.append(
+            f"| {model} | {a['device']} / {a['dtype']} | {a['batch']} | {1e3 * base:.2f} | "
+            f"{ratio['median']:.3f} ({ratio['q1']:.3f}-{ratio['q3']:.3f}) | "
+            + (f"{eager:.3f}" if eager else "n/a") + f" | {b['dsbp_loop_ratio']['median']:.3f} | "
+            f"{1e3 * ref:.1f} / " + (f"{1e3 * per_layer:.1f}" if per_layer else "n/a") + " | "
+            f"{100 * ref / 100 / base:.2f}% | {ratio['median'] + ref / 100 / base:.3f}x | "
+            f"{ratio['median'] + ref / 20 / base:.3f}x |")
+        envs.append(f"- `{p.name}`: {_env(r['env'])}; `python benchmarks/step_overhead.py "
+                    f"--model {a['model']} --width {a['width']} --device {a['device']} "
+                    f"--dtype {a['dtype']} --batch {a['batch']} --repeats {a['repeats']} "
+                    f"--block {a['block']} --blocks {a['blocks']}`")
+    return out + [""] + envs if envs else ["(not run)"]
+
+
 def projection() -> list[str]:
-    r = _load("projection_only_cpu.json")
-    if r is None:
-        return ["(not run)"]
-    out = ["| model | fast path (ms) | reference loop (ms) | loop / fast |",
-           "|---|---|---|---|"]
-    for case, c in r["cases"].items():
-        out.append(f"| {case} | {1e3 * c['fast_s']['median']:.2f} | "
-                   f"{1e3 * c['loop_s']['median']:.2f} | {c['loop_over_fast']:.2f}x |")
-    return out + ["", f"- {_env(r['env'])}; `{r['command']}`"]
+    out = ["| device | model | fast path (ms) | reference loop (ms) | loop / fast |",
+           "|---|---|---|---|---|"]
+    envs = []
+    for name in ("projection_only_cpu.json", "projection_only_cuda.json"):
+        r = _load(name)
+        if r is None:
+            continue
+        dev = "cuda" if "cuda" in name else "cpu"
+        for case, c in r["cases"].items():
+            out.append(f"| {dev} | {case} | {1e3 * c['fast_s']['median']:.2f} | "
+                       f"{1e3 * c['loop_s']['median']:.2f} | {c['loop_over_fast']:.2f}x |")
+        cmd = r["command"] + (" --device cuda" if dev == "cuda" else "")
+        envs.append(f"- {dev}: {_env(r['env'])}; `{cmd}`")
+    return out + [""] + envs if envs else ["(not run)"]
 
 
 def memory() -> list[str]:
-    r = _load("subspace_memory_cpu.json")
+    return _memory("subspace_memory_cpu.json")
+
+
+def gpu_memory() -> list[str]:
+    return _memory("subspace_memory_cuda.json", " --device cuda")
+
+
+def _memory(name: str, flag: str = "") -> list[str]:
+    r = _load(name)
     if r is None:
         return ["(not run)"]
     out = ["| d | k = d/16 | optimizer | params (MiB) | optimizer state (MiB, exact) | "
@@ -69,14 +117,15 @@ def memory() -> list[str]:
            "|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         if "error" in x:
+            why = x["error"].strip().splitlines()[-1]  # the exception line of the traceback
             out.append(f"| {x['d']} | {x['d'] // 16} | {x['arm']} | | not measured: "
-                       f"{x['error']} | | | |")
+                       f"{why} | | | |")
             continue
         out.append(f"| {x['d']} | {x['rank']} | {x['arm']} | {x['params_bytes'] / 2**20:.1f} | "
                    f"{x['state_bytes'] / 2**20:.2f} | "
                    f"{x.get('state_reduction_vs_adamw', 0):.2f}x | "
                    f"{x['peak_bytes'] / 2**20:.0f} | {x.get('peak_reduction_vs_adamw', 0):.2f}x |")
-    return out + ["", f"- {_env(r['env'])}; `{r['command']}`"]
+    return out + ["", f"- {_env(r['env'])}; `{r['command']}{flag}`"]
 
 
 def curves() -> list[str]:
@@ -113,8 +162,8 @@ def scaling() -> list[str]:
 
 
 def main() -> None:
-    parts = {"overhead": overhead, "projection": projection, "memory": memory,
-             "curves": curves, "scaling": scaling}
+    parts = {"overhead": overhead, "gpu_overhead": gpu_overhead, "projection": projection,
+             "memory": memory, "gpu_memory": gpu_memory, "curves": curves, "scaling": scaling}
     names = sys.argv[1:] or list(parts)
     for n in names:
         print(f"<!-- {n} -->")
