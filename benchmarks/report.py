@@ -161,9 +161,22 @@ def scaling() -> list[str]:
     return out + ["", f"- {_env(r['env'])}; `{r['command']}`"]
 
 
+def sampler() -> list[str]:
+    r = _load("row_sampler_cpu.json")
+    if r is None:
+        return ["(not run)"]
+    out = [f"| candidate rows n (m = {r['m']}) | permutation (ms) | stratified (ms) | speed-up |",
+           "|---|---|---|---|"]
+    for n, c in r["cases"].items():
+        out.append(f"| {int(n):,} | {1e3 * c['permutation']['median']:.2f} | "
+                   f"{1e3 * c['stratified']['median']:.3f} | {c['speedup']:.0f}x |")
+    return out + ["", f"- {_env(r['env'])}; `{r['command']}` (n <= 4m keeps the permutation)"]
+
+
 def main() -> None:
     parts = {"overhead": overhead, "gpu_overhead": gpu_overhead, "projection": projection,
-             "memory": memory, "gpu_memory": gpu_memory, "curves": curves, "scaling": scaling}
+             "sampler": sampler, "memory": memory, "gpu_memory": gpu_memory, "curves": curves,
+             "scaling": scaling}
     names = sys.argv[1:] or list(parts)
     for n in names:
         print(f"<!-- {n} -->")
