@@ -425,7 +425,7 @@ def plot_hessian(data, col, img: Path) -> None:
     dss = order_ds(data)
     wn = any(has_weight_norm(rs) for d in dss for rs in data[d].values())
     rows = 2 if wn else 1
-    fig, axes = plt.subplots(rows, len(dss), figsize=(6.5 * len(dss), 4.8 * rows), squeeze=False,
+    fig, axes = plt.subplots(rows, len(dss), figsize=(8.0 * len(dss), 4.8 * rows), squeeze=False,
                              constrained_layout=True)
     mk = {c: MARKERS[i % len(MARKERS)] for i, c in enumerate(order(col))}
     for j, ds in enumerate(dss):
@@ -445,7 +445,8 @@ def plot_hessian(data, col, img: Path) -> None:
                    title=f"{NAMES.get(ds, ds)}: end-of-training sharpness per run"
                    + (" (scale-adjusted)" if i else ""))
             ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8)
+            # outside the axes: inside, it hid points of one configuration or another
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle("Top eigenvalue of the training-loss Hessian (2 batches of 512, Lanczos, final "
                  "checkpoint). BatchNorm makes conv weights scale-invariant: lambda ~ 1/||w||^2",
                  fontsize=9)
