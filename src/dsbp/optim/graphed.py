@@ -18,9 +18,11 @@ A graph reads and writes fixed addresses, so the graph works on static buffers:
 
 A graph is built for one *signature*: which layers have gradients, their shapes, sides and
 ranks, and the projector's switches. When it changes (a layer without a gradient, a new k from
-the energy rule) the projector builds a new graph; refresh steps run eagerly. The arithmetic is
-that of ``SpectralProjector._project_group``; ``tests/optim/test_fastpath.py`` checks the
-replayed result against the reference loop on a GPU.
+the energy rule) the projector captures a new graph. On a refresh step the eigensolves run
+eagerly first; the replay then picks up the new bases. The arithmetic is
+``SpectralProjector._project_stack_``, shared with the eager stacked path;
+``tests/optim/test_fastpath.py`` checks the replayed result against the reference loop on a
+GPU.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class ProjectionGraph:
     def __init__(self, proj: SpectralProjector, groups: list[list[LayerState]]) -> None:
         self.proj, self.groups = proj, groups
         self.signature = signature(proj, groups)
-        self.G, self.E, self.s, self.W = [], [], [], []
+        self.G, self.E, self.s = [], [], []
         for sts in groups:
             st0 = sts[0]
             shape = adapters.as_matrix(st0.module.weight).shape
@@ -75,7 +77,6 @@ class ProjectionGraph:
             d = shape[0] if st0.side == "output" else shape[1]
             self.E.append(torch.empty(len(sts), d, st0.k, dtype=dt, device=dev))
             self.s.append(torch.zeros(len(sts), dtype=dt, device=dev))
-            self.W.append([st.module.weight for st in sts])
         # per-layer views of the static stacks, in the shape of each layer's gradient
         self._views = [[G[i].view(st.module.weight.shape) for i, st in enumerate(sts)]
                        for G, sts in zip(self.G, groups, strict=True)]
@@ -103,23 +104,8 @@ class ProjectionGraph:
     # ------------------------------------------------------------------ the projection
     def _body(self) -> None:
         """The projection of every group on the static buffers, in place into ``G``."""
-        proj = self.proj
-        for sts, G, E, s, Ws in zip(self.groups, self.G, self.E, self.s, self.W, strict=True):
-            output = sts[0].side == "output"
-            M = torch.bmm(E.transpose(1, 2), G) if output else torch.bmm(G, E)
-            proj._scale_thin_factor(M, G)
-            if any(st.sharpness != 0.0 for st in sts):
-                W = torch.stack([adapters.as_matrix(w) for w in Ws]).to(E.dtype)
-                e1 = E[:, :, :1]
-                if output:
-                    M[:, :1, :].add_(s.view(-1, 1, 1) * torch.bmm(e1.transpose(1, 2), W))
-                else:
-                    M[:, :, :1].add_(s.view(-1, 1, 1) * torch.bmm(W, e1))
-            a = proj.residual  # G <- a G + E M (output side), a G + M E^T (input side)
-            if a:
-                G.baddbmm_(E, M, beta=a) if output else G.baddbmm_(M, E.transpose(1, 2), beta=a)
-            else:
-                torch.bmm(E, M, out=G) if output else torch.bmm(M, E.transpose(1, 2), out=G)
+        for sts, G, E, s in zip(self.groups, self.G, self.E, self.s, strict=True):
+            self.proj._project_stack_(sts, G, E, s)
 
     def capture(self) -> None:
         """Warm up on a side stream (as ``torch.cuda.graphs`` requires), then capture."""

@@ -346,21 +346,11 @@ class SpectralProjector:
                 tr = trace_of_covariance(A)
                 As.append(A)
                 trs.append(tr)
-                flags += [torch.isfinite(A).all(), torch.isfinite(g).all().to(A.device),
-                          torch.isfinite(tr), tr > 0]
+                flags += self._health_flags(A, tr, g)
             flags = torch.stack(flags).view(len(warm), 4).tolist()  # the one sync
             groups: dict[tuple, list[int]] = {}
-            for i, ((st, _), (fin_a, fin_g, fin_tr, pos)) in enumerate(zip(warm, flags,
-                                                                            strict=True)):
-                if not fin_a:
-                    self._warn(st, "non-finite activations; refresh skipped, old basis kept")
-                elif not fin_g:
-                    self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
-                elif not (fin_tr and pos):
-                    msg = ("all captured activations are zero" if fin_tr
-                           else "the activations' sum of squares overflows")
-                    self._warn(st, f"{msg}; refresh skipped")
-                else:
+            for i, ((st, _), f) in enumerate(zip(warm, flags, strict=True)):
+                if self._healthy(st, f):
                     key = (tuple(As[i].shape), tuple(st.block.shape), st.block.dtype)
                     groups.setdefault(key, []).append(i)
             for idx in groups.values():
@@ -389,26 +379,36 @@ class SpectralProjector:
             self._warn(st, "refresh due but no activations were captured (was the "
                        "forward pass run in train mode with grad enabled?); keeping the old basis")
             return None
-        # One host synchronisation for the three checks (each bool() on a GPU tensor waits for
+        # One host synchronisation for all the checks (each bool() on a GPU tensor waits for
         # the device; three per layer and refresh made a ResNet-18 refresh several ms slower).
         tr = trace_of_covariance(A)
-        flags = [torch.isfinite(A).all(), torch.isfinite(tr)]
-        flags.append(torch.ones((), dtype=torch.bool, device=A.device) if grad is None
-                     else torch.isfinite(grad).all().to(A.device))
-        flags.append(tr > 0)
-        finite_a, finite_tr, finite_g, positive = torch.stack(flags).tolist()
-        if not finite_a:
+        return tr if self._healthy(st, torch.stack(self._health_flags(A, tr, grad)).tolist()) \
+            else None
+
+    @staticmethod
+    def _health_flags(A: torch.Tensor, tr: torch.Tensor, grad: torch.Tensor | None
+                      ) -> list[torch.Tensor]:
+        """0-d bool tensors, no host sync: finite activations, finite gradient, finite and
+        positive trace (read together by :meth:`_healthy`)."""
+        fin_g = (torch.ones((), dtype=torch.bool, device=A.device) if grad is None
+                 else torch.isfinite(grad).all().to(A.device))
+        return [torch.isfinite(A).all(), fin_g, torch.isfinite(tr), tr > 0]
+
+    def _healthy(self, st: LayerState, flags: list[bool]) -> bool:
+        """Whether a refresh may go ahead, from :meth:`_health_flags` read on the host; warns
+        with the reason otherwise (the old basis is kept)."""
+        fin_a, fin_g, fin_tr, positive = flags
+        if not fin_a:
             self._warn(st, "non-finite activations; refresh skipped, old basis kept")
-            return None
-        if not finite_g:
+        elif not fin_g:
             self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
-            return None
-        if not (finite_tr and positive):
-            msg = ("all captured activations are zero" if finite_tr
+        elif not (fin_tr and positive):
+            msg = ("all captured activations are zero" if fin_tr
                    else "the activations' sum of squares overflows")
             self._warn(st, f"{msg}; refresh skipped")
-            return None
-        return tr
+        else:
+            return True
+        return False
 
     def _commit(self, st: LayerState, V: torch.Tensor, evals: torch.Tensor, tr: torch.Tensor
                 ) -> None:
@@ -615,21 +615,31 @@ class SpectralProjector:
         Es, s = self._stacked_basis(sts)  # (B, d, k), (B,)
         grads = [st.module.weight.grad for st in sts]
         Gs = torch.stack([adapters.as_matrix(g) for g in grads]).to(Es.dtype)  # (B, d_out, d_in)
-        output = sts[0].side == "output"
-        M = torch.bmm(Es.transpose(1, 2), Gs) if output else torch.bmm(Gs, Es)
-        self._scale_thin_factor(M, Gs)
-        if any(st.sharpness != 0.0 for st in sts):
-            Ws = torch.stack([adapters.as_matrix(st.module.weight) for st in sts]).to(Es.dtype)
-            e1 = Es[:, :, :1]  # (B, d, 1)
-            if output:
-                M[:, :1, :].add_(s.view(-1, 1, 1) * torch.bmm(e1.transpose(1, 2), Ws))
-            else:
-                M[:, :, :1].add_(s.view(-1, 1, 1) * torch.bmm(Ws, e1))
-        new = torch.bmm(Es, M) if output else torch.bmm(M, Es.transpose(1, 2))
-        if self.residual != 0.0:
-            new.add_(Gs, alpha=self.residual)
-        views = [n.view_as(g) for n, g in zip(new.unbind(0), grads, strict=True)]
+        self._project_stack_(sts, Gs, Es, s)
+        views = [n.view_as(g) for n, g in zip(Gs.unbind(0), grads, strict=True)]
         torch._foreach_copy_(grads, views)
+
+    def _project_stack_(self, sts: list[LayerState], G: torch.Tensor, E: torch.Tensor,
+                        s: torch.Tensor) -> None:
+        """Overwrite a stack of gradients ``G`` (B, d_out, d_in) of the layers ``sts`` with
+        their projections, in place: ``a G + E (E^T G + s e_1 (e1^T W))`` (output side) or
+        ``a G + (G E + s (W e1) e_1^T) E^T`` (input side), with ``E`` (B, d, k) and the
+        sharpness scales ``s`` (B,). Shared by the eager stacked path and the CUDA graph."""
+        output = sts[0].side == "output"
+        M = torch.bmm(E.transpose(1, 2), G) if output else torch.bmm(G, E)
+        self._scale_thin_factor(M, G)
+        if any(st.sharpness != 0.0 for st in sts):
+            W = torch.stack([adapters.as_matrix(st.module.weight) for st in sts]).to(E.dtype)
+            e1 = E[:, :, :1]  # (B, d, 1)
+            if output:
+                M[:, :1, :].add_(s.view(-1, 1, 1) * torch.bmm(e1.transpose(1, 2), W))
+            else:
+                M[:, :, :1].add_(s.view(-1, 1, 1) * torch.bmm(W, e1))
+        a = self.residual  # M no longer reads G, so the product can overwrite it
+        if a:
+            G.baddbmm_(E, M, beta=a) if output else G.baddbmm_(M, E.transpose(1, 2), beta=a)
+        else:
+            torch.bmm(E, M, out=G) if output else torch.bmm(M, E.transpose(1, 2), out=G)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
