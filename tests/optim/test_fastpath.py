@@ -253,3 +253,31 @@ def test_batched_refresh_equals_per_layer_refresh(fmnist_batch):
         # same subspace: principal angles ~ 0 (signs may differ)
         overlap = torch.linalg.matrix_norm(a.block[:, :k].T @ b.block[:, :k]) ** 2 / k
         assert overlap > 1 - 1e-4, (name, float(overlap))
+
+
+def test_stacked_basis_cache_follows_replaced_and_edited_bases(fmnist_batch):
+    """The stacked-basis cache (and the CUDA graph's static buffers, which use the same tags)
+    must see a basis that was replaced by a new tensor or edited in place without a refresh
+    (as the Lie tracker does): the projection then equals the closed form with the new E."""
+    x, y = fmnist_batch
+    torch.manual_seed(4)
+    m = Repeated()
+    p = SpectralProjector(m, rank=3, interval=100, sharpness=0.0)
+    p._stack_max_numel = 2**30
+    F.cross_entropy(m(x[:32]), y[:32]).backward()
+    p.project_()  # refresh + first stacked projection: the cache holds the first bases
+    st = p.layer_state("convs.1")
+    for edit in ("replace", "in_place"):
+        Q, _ = torch.linalg.qr(torch.randn(st.block.shape, generator=torch.Generator()
+                                           .manual_seed(len(edit))))
+        if edit == "replace":
+            st.block = Q.clone()
+        else:
+            st.block.copy_(Q)
+        m.zero_grad()
+        F.cross_entropy(m(x[32:64]), y[32:64]).backward()
+        G = m.convs[1].weight.grad.reshape(8, -1).clone()
+        p.project_()
+        E = Q[:, : st.k]
+        got = m.convs[1].weight.grad.reshape(8, -1)
+        assert torch.allclose(got, E @ (E.T @ G), rtol=1e-5, atol=1e-6), edit
