@@ -14,7 +14,8 @@ A graph reads and writes fixed addresses, so the graph works on static buffers:
   the layers' bases after every refresh (:meth:`ProjectionGraph.load_bases`), outside the
   graph.
 * The weights, read by the sharpness term, are the parameters themselves (updated in place by
-  the optimizer, so their addresses do not change).
+  the optimizer, so their addresses do not change; a weight that moves or is replaced changes
+  the signature below, and the graph is captured again).
 
 A graph is built for one *signature*: which layers have gradients, their shapes, sides and
 ranks, and the projector's switches. When it changes (a layer without a gradient, a new k from
@@ -42,7 +43,9 @@ def signature(proj: SpectralProjector, groups: list[list[LayerState]]) -> tuple:
     """What a captured graph depends on besides the contents of its buffers."""
     return (proj.residual, proj.rescale, proj.max_rescale,
             tuple(tuple((st.name, tuple(st.module.weight.shape), st.side, st.k,
-                         st.sharpness != 0.0, st.block.dtype) for st in g) for g in groups))
+                         st.sharpness != 0.0, st.block.dtype,
+                         st.module.weight.data_ptr())  # a weight moved or replaced: recapture
+                        for st in g) for g in groups))
 
 
 def basis_tags(states: list[LayerState]) -> tuple:
