@@ -86,8 +86,9 @@ class SpectralProjector:
         skip_first_last: leave out the first and the last supported layer (in module order).
         cuda_graph: on a GPU, capture the projection of a step once as a CUDA graph and
             replay it (one launch instead of ~6 per group of layers; see
-            :mod:`dsbp.optim.graphed`). It is captured again when the layers, shapes or ranks
-            change, and skipped where the caller is capturing a graph itself. [ours]
+            :mod:`dsbp.optim.graphed`). It is captured again when the layers, shapes, ranks or
+            weight storage change, and skipped where the caller is capturing a graph itself.
+            [ours]
 
     Raises:
         ValueError: rank/interval/power_iters/max_rows not positive, an unknown side, a
@@ -298,9 +299,7 @@ class SpectralProjector:
             tr = self._checked_trace(st, A, grad)
             if tr is None:
                 return
-            d = A.shape[1]
-            b = min(d, min(st.rank, d) + self.oversample)
-            evals, V = self._eigensolve(st, A, b)
+            evals, V = self._eigensolve(st, A, self._block_width(st, A.shape[1]))
         self._commit(st, V, evals, tr)
 
     def _refresh_due(self, due: list[tuple[LayerState, torch.Tensor]]) -> None:
@@ -313,13 +312,17 @@ class SpectralProjector:
         warm, rest = [], []
         for st, g in due:
             d = adapters.dim(st.module, st.side)
-            b = min(d, min(st.rank, d) + self.oversample)
-            ok = st.rows and st.block is not None and st.block.shape == (d, b)
+            ok = st.rows and st.block is not None and st.block.shape == (
+                d, self._block_width(st, d))
             (warm if ok else rest).append((st, g))
         for st, g in rest:  # cold starts (exact eigh) and refreshes without rows: as before
             self._refresh(st, g)
         if warm:
             self._refresh_batched(warm)
+
+    def _block_width(self, st: LayerState, d: int) -> int:
+        """Columns of the power-iteration block: k plus the oversampling, at most d."""
+        return min(d, min(st.rank, d) + self.oversample)
 
     def _batch_refresh_applies(self, g: torch.Tensor) -> bool:
         """Batched refreshes on a GPU (per-layer work there is kernel launches and host syncs),
