@@ -143,20 +143,11 @@ class AdaptiveSpectralProjector(SpectralProjector):
 
     def refresh_due(self) -> bool:
         """Whether any layer refreshes or probes on the current step (activations are captured)."""
-        return any(s.due(self.step) or self._probe_due(s) for s in self._layers.values())
+        return any(self._wants_rows(s) for s in self._layers.values())
 
-    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        st = self._by_module[id(module)]
-        if st.due(self.step):
-            super()._capture(module, inputs, output)
-            return
-        if not (module.training and torch.is_grad_enabled() and self._probe_due(st)):
-            return
-        gen = self._generator(st, 1 + st.captures)
-        st.rows.append(adapters.rows(module, inputs[0], output, st.side, self.max_rows, gen))
-        st.captures += 1
-        if sum(r.shape[0] for r in st.rows) > 2 * self.max_rows:
-            st.rows = [subsample_rows(torch.cat(st.rows), self.max_rows, gen)]
+    def _wants_rows(self, st: LayerState) -> bool:
+        """Capture on refresh steps and on probe steps."""
+        return st.due(self.step) or self._probe_due(st)
 
     def _log(self, st: LayerState, event: str, delta: float | None) -> None:
         self.history.append(

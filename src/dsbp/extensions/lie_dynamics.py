@@ -82,18 +82,9 @@ class LieSpectralProjector(SpectralProjector):
     def _tracking(self, st: LayerState) -> bool:
         return st.block is not None and not st.due(self.step) and self.step % self.track_every == 0
 
-    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        st = self._by_module[id(module)]
-        if st.due(self.step):
-            super()._capture(module, inputs, output)
-            return
-        if not (module.training and torch.is_grad_enabled() and self._tracking(st)):
-            return
-        gen = self._generator(st, 1 + st.captures)
-        st.rows.append(adapters.rows(module, inputs[0], output, st.side, self.max_rows, gen))
-        st.captures += 1
-        if sum(r.shape[0] for r in st.rows) > 2 * self.max_rows:
-            st.rows = [subsample_rows(torch.cat(st.rows), self.max_rows, gen)]
+    def _wants_rows(self, st: LayerState) -> bool:
+        """Capture on refresh steps and on tracking steps."""
+        return st.due(self.step) or self._tracking(st)
 
     def _refresh(self, st: LayerState, grad: torch.Tensor | None) -> None:
         before = st.refreshes

@@ -246,11 +246,17 @@ class SpectralProjector:
                       % (2**62))
         return g
 
+    def _wants_rows(self, st: LayerState) -> bool:
+        """Whether the forward hook captures ``st``'s activations on this step: on refresh
+        steps here; subclasses that also read rows between refreshes (probes, basis tracking)
+        widen it."""
+        return st.due(self.step)
+
     def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
         st = self._by_module[id(module)]
-        if not st.due(self.step):
+        if not self._wants_rows(st):
             return
         gen = self._generator(st, 1 + st.captures)
         st.rows.append(adapters.rows(module, inputs[0], output, st.side, self.max_rows, gen))
