@@ -1,26 +1,44 @@
-"""Multi-process DSBP: bit-identical bases on every rank, O(k d) communication per refresh.
+"""Multi-process DSBP: the process-group distribution policy, for DDP and FSDP2.
 
-Data-parallel training (``DistributedDataParallel``) already averages the gradients, so every
-rank projects the same gradient; what must agree is the basis. Each rank only sees its own
-activations ``A_r`` (n_r, d), and the covariance of the global batch is ``C = sum_r A_r^T A_r``.
-:class:`DistributedSpectralProjector` therefore
+The projector never calls ``torch.distributed`` itself: it asks a
+:class:`~dsbp.optim.comm.Communicator` (see :mod:`dsbp.optim.comm`). This module implements the
+multi-process one, :class:`ProcessGroupCommunicator`, and :class:`DistributedDSBP`, which is
+:class:`~dsbp.DSBP` with that communicator.
+
+**DDP** (parameters and averaged gradients replicated on every rank). Every rank projects the
+same gradient; what must agree is the basis. Each rank only sees its own activations ``A_r``
+(n_r, d), and the covariance of the global batch is ``C = sum_r A_r^T A_r``, so a refresh
 
 * all-reduces (SUM) the matrix-free products ``A_r^T (A_r V)`` (d, b) inside the block power
-  iteration and the Rayleigh-Ritz step, which is ``C V`` for the concatenated batch: O(k d)
-  numbers per iteration and layer, never the d x d covariance;
-* on a layer's first refresh with ``d <= exact_threshold`` all-reduces the explicit covariance
-  (O(d^2), once, only while d is small); above it, cold starts use power iterations from a
-  random block drawn from the same seeded generator on every rank;
-* all-reduces ``trace(C)`` and the health flags (missing rows, non-finite activations or
-  gradients, zero activations), so every rank takes the same branch (no rank skips a collective
-  another one enters);
-* broadcasts the resulting block and eigenvalues from group rank 0, so the bases are
-  bit-identical on every rank whatever the backend's reduction order (O(k d) once per refresh).
+  iteration and the Rayleigh-Ritz step: ``C V`` for the concatenated batch, O(k d) numbers per
+  iteration and layer, never the d x d covariance (except an exact cold start while
+  ``d <= exact_threshold``, once);
+* all-reduces ``trace(C)`` and the health counts, so every rank takes the same branch;
+* broadcasts the resulting block and eigenvalues from the group's rank 0, so the bases are
+  bit-identical on every rank whatever the backend's reduction order.
+
+**FSDP2** (``torch.distributed.fsdp.fully_shard``: parameters and gradients are ``DTensor``\\ s
+sharded ``Shard(0)``, i.e. by rows, on a 1-D device mesh). Activations are not sharded (each
+rank runs the whole layer on its own data), so the refresh is the DDP one. The projection runs
+on this rank's rows ``G_r`` of each gradient (:meth:`ProcessGroupCommunicator.local`, an
+in-place view of the DTensor's local shard) with the matching rows ``E_r`` of an output-side
+basis (:meth:`~ProcessGroupCommunicator.row_slice`):
+
+* input side ``G_r E E^T`` (and the sharpness term ``W_r e1 e1^T``) is row-local: no
+  communication at all per step;
+* output side ``E E^T G`` needs ``E^T G = sum_r E_r^T G_r`` (and ``e1^T W``): one all-reduce of
+  a (k + 1, d_in) matrix per layer and step over the shard group
+  (:meth:`~ProcessGroupCommunicator.sum_over_row_shards`), then ``G_r <- E_r (E^T G)`` locally.
+
+Nothing is ever gathered: the all-gather alternative (assemble each full gradient, project it,
+keep the own rows) moves ``(W - 1) / W`` of every weight per step instead.
 
 Row budget [ours]: each rank keeps at most ``ceil(max_rows / world_size)`` rows, so the global
-budget is the single-process ``max_rows``. Without subsampling (rows <= budget) the result equals
-a single process on the concatenated batch up to floating-point summation order; with
-subsampling the two draw different (equally distributed) rows.
+budget is the single-process ``max_rows``. Without subsampling (rows <= budget) the bases equal a
+single process on the concatenated batch up to floating-point summation order.
+
+Every collective's payload is counted (:attr:`ProcessGroupCommunicator.stats`), which is how
+``benchmarks/communication.py`` measures bytes per refresh and per step.
 
 ``launch(fn, nproc)`` starts ``nproc`` local processes with a process group (gloo on CPU),
 for tests, examples and ``dsbp bench --nproc``. Under ``torchrun`` no launcher is needed: call
@@ -29,10 +47,11 @@ for tests, examples and ``dsbp bench --nproc``. Under ``torchrun`` no launcher i
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -42,14 +61,182 @@ from torch import nn
 from dsbp.core.covariance import covariance, trace_of_covariance
 from dsbp.core.eigen import block_power_iteration, top_eigh
 from dsbp.layers.state import LayerState
+from dsbp.optim.comm import Communicator, is_dtensor
 from dsbp.optim.dsbp import DSBP
 from dsbp.optim.projector import SpectralProjector
 
-__all__ = ["DistributedDSBP", "DistributedSpectralProjector", "free_port", "launch"]
+__all__ = ["CommStats", "DistributedDSBP", "DistributedSpectralProjector",
+           "ProcessGroupCommunicator", "free_port", "launch", "projector_takes_comm"]
+
+
+class CommStats:
+    """Calls and payload bytes per collective kind, as a :class:`ProcessGroupCommunicator`
+    issued them (this rank's tensors; the bytes a backend puts on the wire differ by its
+    algorithm, e.g. a ring all-reduce sends ``2 (W - 1) / W`` times the payload per rank)."""
+
+    KINDS = ("all_reduce_sum", "broadcast_", "sum_over_row_shards")
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = dict.fromkeys(self.KINDS, 0)
+        self.bytes: dict[str, int] = dict.fromkeys(self.KINDS, 0)
+
+    def add(self, kind: str, t: torch.Tensor) -> None:
+        self.calls[kind] += 1
+        self.bytes[kind] += t.numel() * t.element_size()
+
+    def reset(self) -> None:
+        for k in self.KINDS:
+            self.calls[k] = self.bytes[k] = 0
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {"calls": dict(self.calls), "bytes": dict(self.bytes)}
+
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+
+def _shard_rows(param: torch.Tensor) -> slice:
+    """Rows (dim 0) of the global parameter that this rank's shard of DTensor ``param`` holds.
+
+    Uneven shards (FSDP2 gives the first ranks ``ceil(n / W)`` rows) and empty shards (a rank
+    past the last row: an empty slice) included.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements)  # type: ignore[attr-defined]
+    start = int(offset[0]) if shape[0] > 0 else int(param.shape[0])
+    return slice(start, start + int(shape[0]))
+
+
+def _check_row_sharded(p: torch.Tensor, name: str) -> None:
+    """Raise unless DTensor ``p`` is sharded by rows on a 1-D mesh (FSDP2's layout)."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+    if mesh.ndim != 1 or len(placements) != 1 or not (
+            isinstance(placements[0], Shard) and placements[0].dim == 0):
+        raise TypeError(
+            f"{name} is a DTensor with placements {tuple(placements)} on a {mesh.ndim}-D mesh; "
+            "DSBP's distributed projection supports FSDP2's layout only: Shard(0) on a 1-D "
+            "mesh (fully_shard over one data-parallel group). Tensor parallelism (other "
+            "placements) and HSDP (2-D meshes) are not supported")
+
+
+class ProcessGroupCommunicator(Communicator):
+    """The distribution policy for data parallelism over a process group: DDP and FSDP2.
+
+    * ``all_reduce_sum`` / ``broadcast_``: collectives over ``process_group`` (the
+      data-parallel group; ``broadcast_`` from its rank 0), used by the refresh;
+    * ``row_budget``: ``ceil(max_rows / world_size)`` rows per rank;
+    * ``local`` / ``row_slice``: identity for plain tensors (DDP); for FSDP2's DTensors the
+      local shard (``to_local()``, whose in-place edits reach the parameter / gradient) and the
+      global rows it holds;
+    * ``sum_over_row_shards``: identity for replicated weights (DDP); an all-reduce over the
+      shard group for row-sharded ones (FSDP2);
+    * ``check_params``: accepts plain tensors and ``Shard(0)`` DTensors on a 1-D mesh over the
+      same ranks as ``process_group``; refuses other layouts (tensor parallelism, HSDP) and a
+      mix of sharded and replicated projected weights.
+
+    Args:
+        process_group: the data-parallel group (default: the world group).
+
+    Raises:
+        RuntimeError: ``torch.distributed`` is not initialised.
+    """
+
+    def __init__(self, process_group: Any = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("a distributed DSBP needs torch.distributed to be initialised "
+                               "(init_process_group, torchrun, or dsbp.optim.distributed.launch)")
+        self.group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        self._src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        self.sharded: bool | None = None  # set by check_params: FSDP2 (True) or DDP (False)
+        self._shard_group: Any = None
+        self.stats = CommStats()
+
+    # ---------------------------------------------------------------- refresh
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            self.stats.add("all_reduce_sum", t)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            self.stats.add("broadcast_", t)
+            dist.broadcast(t, src=self._src, group=self.group)
+        return t
+
+    def row_budget(self, max_rows: int) -> int:
+        return math.ceil(max_rows / self.world_size)
+
+    # ---------------------------------------------------------------- projection
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+    def row_slice(self, param: torch.Tensor) -> slice:
+        return _shard_rows(param) if is_dtensor(param) else slice(None)
+
+    def sum_over_row_shards(self, t: torch.Tensor, param: torch.Tensor | None = None
+                            ) -> torch.Tensor:
+        """Sum ``t`` over the ranks holding the other row shards, in place (FSDP2); the
+        identity for replicated weights (DDP). ``param``, when given, decides which of the two
+        applies; without it, the layout :meth:`check_params` found."""
+        sharded = is_dtensor(param) if param is not None else self.sharded
+        if sharded is None:
+            raise RuntimeError("sum_over_row_shards before check_params: the communicator does "
+                               "not know whether the weights are sharded")
+        if sharded and self.world_size > 1:
+            self.stats.add("sum_over_row_shards", t)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._shard_group)
+        return t
+
+    def check_params(self, params: Iterable[torch.Tensor]) -> None:
+        params = list(params)
+        sharded = [is_dtensor(p) for p in params]
+        if any(sharded) and not all(sharded):
+            raise TypeError(
+                f"{sum(sharded)} of the {len(params)} projected weights are FSDP2 DTensors and "
+                "the others plain tensors: wrap every projected layer with fully_shard (e.g. "
+                "call fully_shard on the root module too), or leave the plain ones out with "
+                "layers= / exclude=")
+        if any(sharded):
+            groups = set()
+            for i, p in enumerate(params):
+                _check_row_sharded(p, f"projected weight {i} {tuple(p.shape)}")
+                groups.add(p.device_mesh.get_group(0))  # type: ignore[attr-defined]
+            if len(groups) != 1:
+                raise TypeError("the projected weights are sharded over different device "
+                                "meshes; DSBP expects one fully_shard mesh")
+            group = groups.pop()
+            mine = dist.get_process_group_ranks(
+                self.group if self.group is not None else dist.group.WORLD)
+            if sorted(dist.get_process_group_ranks(group)) != sorted(mine):
+                raise TypeError(
+                    "the weights are sharded over a device mesh whose ranks "
+                    f"{sorted(dist.get_process_group_ranks(group))} differ from the process "
+                    f"group's {sorted(mine)}: pass the FSDP2 mesh's group as process_group")
+            self._shard_group = group
+        self.sharded = any(sharded)
+
+    def __repr__(self) -> str:
+        layout = {None: "unchecked", True: "FSDP2 row shards", False: "replicated (DDP)"}
+        return (f"ProcessGroupCommunicator(world_size={self.world_size}, rank={self.rank}, "
+                f"weights={layout[self.sharded]})")
+
+
+def projector_takes_comm(cls: type = SpectralProjector) -> bool:
+    """Whether projector class ``cls`` accepts a ``comm=`` distribution policy."""
+    return "comm" in inspect.signature(cls).parameters
 
 
 class DistributedSpectralProjector(SpectralProjector):
-    """A :class:`~dsbp.SpectralProjector` whose bases are those of the global (all-rank) batch.
+    """Legacy DDP projector, used only while :class:`~dsbp.SpectralProjector` has no ``comm=``
+    argument (it then overrides the refresh's private steps; the communicator-based projector
+    replaces it). Bases of the global (all-rank) batch, bit-identical on every rank; DDP only.
 
     Args:
         model: the network (or its ``DistributedDataParallel`` wrapper).
@@ -59,45 +246,37 @@ class DistributedSpectralProjector(SpectralProjector):
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
+        TypeError: the model's weights are FSDP2 DTensors (this legacy path cannot shard).
     """
 
     def __init__(self, model: nn.Module, *args: Any, process_group=None, **kwargs: Any) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("DistributedSpectralProjector needs torch.distributed to be "
-                               "initialised (init_process_group, torchrun, or dsbp launch)")
+        self.comm = ProcessGroupCommunicator(process_group)
         super().__init__(model, *args, **kwargs)
+        self.comm.check_params(self.layer_state(n).module.weight  # type: ignore[misc]
+                               for n in self.layer_names())
+        if self.comm.sharded:
+            raise TypeError("FSDP2 (DTensor) weights need the communicator-based projector, "
+                            "which this dsbp version's SpectralProjector does not have yet")
         self.group = process_group
-        self.world_size = dist.get_world_size(process_group)
+        self.world_size = self.comm.world_size
         self.global_max_rows = self.max_rows
-        self.max_rows = math.ceil(self.global_max_rows / self.world_size)  # per-rank budget
-        self._src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
+        self.max_rows = self.comm.row_budget(self.global_max_rows)
 
     def _eigensolve(self, st: LayerState, A: torch.Tensor, b: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-b eigenpairs of ``sum_r A_r^T A_r``; same branch logic as the single process."""
-
         def matvec(V: torch.Tensor) -> torch.Tensor:
-            return self._all_reduce(A.T @ (A @ V))  # (d, b): the O(k d) message
+            return self.comm.all_reduce_sum(A.T @ (A @ V))  # (d, b): the O(k d) message
 
         d = A.shape[1]
         if st.block is not None and st.block.shape == (d, b):
             return block_power_iteration(matvec, st.block.to(A.dtype), self.power_iters)
         if d <= self.exact_threshold:
-            return top_eigh(self._all_reduce(covariance(A)), b)
+            return top_eigh(self.comm.all_reduce_sum(covariance(A)), b)
         V0 = torch.randn(d, b, generator=self._generator(st, 0), dtype=A.dtype).to(A.device)
         return block_power_iteration(matvec, V0, self.cold_iters)
 
     def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor | None
                        ) -> torch.Tensor | None:
-        """The single-process checks, agreed across ranks in one collective.
-
-        Every rank sees the same flags and the same summed trace, so no rank skips a
-        collective that the others enter.
-        """
         flags = torch.stack([
             torch.tensor(float(A.shape[0] == 0), device=A.device, dtype=torch.float64),
             (~torch.isfinite(A)).sum().to(torch.float64),
@@ -105,7 +284,7 @@ class DistributedSpectralProjector(SpectralProjector):
              else (~torch.isfinite(grad)).sum()).to(torch.float64),
             trace_of_covariance(A).to(torch.float64),
         ])
-        missing, bad_a, bad_g, tr = self._all_reduce(flags).tolist()
+        missing, bad_a, bad_g, tr = self.comm.all_reduce_sum(flags).tolist()
         if missing > 0:
             self._warn(st, "refresh due but some rank captured no activations (was the "
                        "forward pass run in train mode with grad enabled?); keeping the old basis")
@@ -123,42 +302,60 @@ class DistributedSpectralProjector(SpectralProjector):
 
     def _commit(self, st: LayerState, V: torch.Tensor, evals: torch.Tensor, tr: torch.Tensor
                 ) -> None:
-        """Broadcast rank 0's basis (bit-identical bases everywhere), then the usual bookkeeping."""
         V, evals = V.contiguous(), evals.contiguous()
-        dist.broadcast(V, src=self._src, group=self.group)
-        dist.broadcast(evals, src=self._src, group=self.group)
+        self.comm.broadcast_(V)
+        self.comm.broadcast_(evals)
         super()._commit(st, V, evals, tr)
 
 
 class DistributedDSBP(DSBP):
-    """:class:`~dsbp.DSBP` with a :class:`DistributedSpectralProjector` (same arguments).
+    """:class:`~dsbp.DSBP` whose projector synchronises over a process group (DDP or FSDP2).
 
-    Use with ``DistributedDataParallel`` (which averages the gradients)::
+    The same arguments as :class:`~dsbp.DSBP`, plus ``process_group``; ``max_rows`` is the
+    global row budget. Build it *after* wrapping the model (``fully_shard`` replaces the
+    parameters by DTensors), on the unwrapped module for DDP::
 
         dist.init_process_group("nccl")            # torchrun sets the environment
         ddp = DistributedDataParallel(model.cuda())
         opt = DistributedDSBP(ddp.module, torch.optim.SGD, rank=10, lr=0.1, momentum=0.9)
 
+        for block in model.blocks: fully_shard(block)   # FSDP2: per block and at the root
+        fully_shard(model)
+        opt = DistributedDSBP(model, torch.optim.AdamW, rank=16, lr=1e-3)
+
+    The training loop is the plain one (``loss.backward(); opt.step(); opt.zero_grad()``).
+
     Args:
         model, base_optimizer, rank, interval, power_iters, side, sharpness, max_rows, layers,
             params, projector_kwargs, **base_kwargs: as for :class:`~dsbp.DSBP`.
-        process_group: the group the bases are synchronised over (default: world).
-    """
+        process_group: the data-parallel group (default: world). Under FSDP2 it must span the
+            ranks of the ``fully_shard`` mesh.
 
-    projector_class = DistributedSpectralProjector
+    Attributes:
+        comm: the :class:`ProcessGroupCommunicator` (its ``stats`` count the bytes moved).
+    """
 
     def __init__(self, model: nn.Module, *args: Any, process_group=None,
                  projector_kwargs: dict | None = None, **kwargs: Any) -> None:
-        super().__init__(model, *args, projector_kwargs={**(projector_kwargs or {}),
-                                                         "process_group": process_group},
-                         **kwargs)
+        kw = dict(projector_kwargs or {})
+        if projector_takes_comm(self.projector_class):
+            kw["comm"] = ProcessGroupCommunicator(process_group)
+        else:  # until the projector takes a communicator: the legacy DDP subclass
+            self.projector_class = DistributedSpectralProjector
+            kw["process_group"] = process_group
+        kwargs["projector_kwargs"] = kw
+        super().__init__(model, *args, **kwargs)
+
+    @property
+    def comm(self) -> ProcessGroupCommunicator:
+        return self.projector.comm  # type: ignore[attr-defined,no-any-return]
 
 
 def free_port() -> int:
     """A TCP port on localhost that was free a moment ago (for MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def _worker(rank: int, fn: Callable, nproc: int, backend: str, port: int, args: tuple) -> None:
