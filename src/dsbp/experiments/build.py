@@ -279,7 +279,7 @@ def _sgd(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     return Method(model, torch.optim.SGD(model.parameters(), **_sgd_kwargs(cfg)))
 
 
-@register_method("adamw", description="AdamW (torch.optim.AdamW)")
+@register_method("adamw", settings=("betas",), description="AdamW (torch.optim.AdamW)")
 def _adamw(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     betas = tuple(_kw(cfg, "betas", (0.9, 0.999)))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=betas,

@@ -122,12 +122,24 @@ class RunConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"RunConfig.{name} must be an integer >= 1, got {v!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"RunConfig.seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ValueError(
                 f"RunConfig.checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}"
             )
+        for name in ("lr", "momentum", "weight_decay", "warmup_frac", "label_smoothing"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"RunConfig.{name} must be a number, got {v!r}")
+        for name in ("nesterov", "augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"RunConfig.{name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
+        if self.data_root is not None and (not isinstance(self.data_root, str)
+                                           or not self.data_root):
+            raise ValueError(f"RunConfig.data_root must be None or a folder, got "
+                             f"{self.data_root!r}")
         if not self.lr > 0:
             raise ValueError(f"RunConfig.lr must be > 0, got {self.lr!r}")
         if not 0 <= self.momentum < 1:
@@ -148,7 +160,7 @@ class RunConfig:
             )
         for name in ("subset", "eval_subset", "val_split"):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"RunConfig.{name} must be None or an integer >= 1, got {v!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"RunConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
@@ -167,6 +179,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` (a typo is not ignored)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a RunConfig must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -1,7 +1,8 @@
 """``dsbp fewshot``: spectral meta-learning against MAML on N-way K-shot episodes (METHOD.md §2.3).
 
 Episodic meta-training does not fit the ``dsbp bench`` loop (batches of one data set, test
-accuracy on its test split), so few-shot runs have their own command and output folder::
+accuracy on its test split), so few-shot runs have their own command (``dsbp.cli.fewshot``)
+and output folder::
 
     dsbp fewshot --datasets fashion_mnist,cifar10 --shots 1,5 --seeds 3 --out runs/fewshot
 
@@ -39,7 +40,6 @@ Protocol [ours] (as ``scripts/ext_meta.py``, which produced ``results/extensions
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -421,72 +421,5 @@ def report_lines(out: Path, cells: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------------------ CLI
-def _csv(text: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-    return items
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
-                                         ) from None
-
-
-def add_parser(sub: Any) -> None:
-    """``dsbp fewshot``: the subcommand's parser (loaded by ``dsbp.cli`` when invoked)."""
-    d = FewshotConfig()
-    p = sub.add_parser(
-        "fewshot", help="spectral MAML vs MAML on N-way K-shot episodes (held-out classes)",
-        description="Meta-train MAML and spectral MAML from the same initialisation on the same "
-        "episodes of the meta-train classes, score both on episodes of held-out classes; "
-        "write config.json, env.json, runs/*.json, results.csv and report.md to OUT.")
-    p.add_argument("--datasets", type=_csv, default=list(d.datasets),
-                   help="comma-separated data sets (default bundled)")
-    p.add_argument("--methods", type=_csv, default=list(d.methods),
-                   help="maml, spectral_maml (default both)")
-    p.add_argument("--n-way", type=int, default=d.n_way)
-    p.add_argument("--shots", type=_ints, default=list(d.shots), help="K values (default 1,5)")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds: 0..N-1 (default 1)")
-    for name in ("n_query", "width", "meta_iters", "meta_batch", "inner_steps",
-                 "test_inner_steps", "test_episodes", "rank"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
-                       help=f"default {getattr(d, name)}")
-    p.add_argument("--inner-lr", type=float, default=d.inner_lr)
-    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
-    p.add_argument("--side", choices=("output", "input"), default=d.side)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--data-root", help="folder with the data files (default: the data search)")
-    p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's)")
-    p.add_argument("--out", default="runs/fewshot", help="output folder")
-    p.add_argument("--resume", action="store_true", help="keep finished cells of OUT")
-    p.set_defaults(func=cmd_fewshot)
-
-
-def cmd_fewshot(args: argparse.Namespace) -> int:
-    """``dsbp fewshot ...``."""
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    cfg = FewshotConfig(
-        datasets=tuple(args.datasets), methods=tuple(args.methods), n_way=args.n_way,
-        shots=tuple(args.shots), seeds=tuple(range(args.seeds)), n_query=args.n_query,
-        width=args.width, meta_iters=args.meta_iters, meta_batch=args.meta_batch,
-        inner_steps=args.inner_steps, test_inner_steps=args.test_inner_steps,
-        inner_lr=args.inner_lr, outer_lr=args.outer_lr, test_episodes=args.test_episodes,
-        rank=args.rank, side=args.side, device=args.device, data_root=args.data_root)
-    made = fewshot(cfg, args.out, command=getattr(args, "command_line", None),
-                   resume=args.resume)
-    print(f"wrote {made['csv']}, {made['report']}")
-    return 0
-
-
-__all__ = ["METHODS", "FewshotConfig", "add_parser", "cell_name", "cmd_fewshot", "conv4",
+__all__ = ["METHODS", "FewshotConfig", "cell_name", "conv4",
            "fewshot", "finish_fewshot", "mean_ci95", "run_cell", "split_classes"]

@@ -6,11 +6,12 @@ applies :mod:`dsbp.extensions.architecture` (factorise every layer into two thin
 prune units by spectral leverage), fine-tunes with plain SGD and evaluates on the run's own
 test split. It writes ``prune.json`` and ``prune.csv`` into the run directory.
 
+It is a post-hoc analysis (:data:`ANALYSIS`, a :class:`~dsbp.experiments.posthoc.PostHoc`):
 ``dsbp bench --prune 0.9,0.95,0.99`` (or ``--ablate prune=0.9,0.95,0.99``) runs it on every
-finished run of a sweep (:func:`prune_bench`); :func:`add_prune_rows` and
-:func:`append_prune_report` put the rows into ``results.csv`` (method
-``"<method>+factorise@<tau>"``, with ``params`` and ``flops`` columns) and a "Pruning
-ablation" table into ``report.md``. ``dsbp prune RUN_DIR --taus ...`` is the standalone form.
+finished run of a sweep (:func:`prune_bench`); the sweep's ``finish`` puts its rows into
+``results.csv`` (method ``"<method>+factorise@<tau>"``, with ``params`` and ``flops`` columns)
+and a "Pruning ablation" table into ``report.md``. ``dsbp prune RUN_DIR --taus ...`` is the
+standalone form (command line: ``dsbp.cli.posthoc``).
 
 Protocol [ours] (the paper gives none):
 
@@ -33,12 +34,8 @@ Protocol [ours] (the paper gives none):
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import csv
 import io
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,12 +44,16 @@ from typing import Any
 import torch
 
 from dsbp.experiments import atomic
-from dsbp.experiments.finished import SkipRun, for_each_run, load_finished
+from dsbp.experiments.posthoc import (
+    PostHoc,
+    SkipRun,
+    evaluate,
+    load_finished,
+    mean_std_text,
+    skipped_result,
+)
 
 MODES = ("factorise", "prune")
-
-# Methods whose checkpointed model is not the plain network of config.json (a wrapper with
-# extra or frozen parameters): the ablation is not defined for them.
 
 # Columns the ablation adds to results.csv (after the usual ones and the ablated settings).
 PRUNE_COLUMNS = ["tau", "params", "flops", "latency_ms", "acc_before_ft", "loss_before_ft"]
@@ -82,16 +83,6 @@ def parse_taus(text: str | Sequence[float]) -> list[float]:
     if not taus:
         raise ValueError(f"expected a comma-separated list of thresholds, got {text!r}")
     return taus
-
-
-def _nullcontext() -> contextlib.nullcontext:
-    return contextlib.nullcontext()
-
-
-def _evaluate(model: torch.nn.Module, loader: Any) -> tuple[float, float]:
-    from dsbp.experiments.loop import evaluate
-
-    return evaluate(model, loader, _nullcontext)  # (loss, acc)
 
 
 def prune_run(
@@ -167,11 +158,8 @@ def prune_run(
             "model": cfg.model, "seed": cfg.seed, **settings}
 
     def skipped(reason: str) -> dict[str, Any]:
-        log(f"prune {run_dir.name}: skipped: {reason}")
-        out = {**head, "skipped": reason}
-        if write:
-            atomic.write_json(run_dir / "prune.json", out)
-        return out
+        return skipped_result(run_dir, "prune.json", head, reason, write=write, log=log,
+                              what="prune")
 
     dev = resolve_device(device or cfg.device)
     try:
@@ -209,9 +197,9 @@ def prune_run(
 
     # The first optimizer a process builds pays torch's lazy imports (seconds): not tuning.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    loss0, acc0 = _evaluate(model, data.test)
+    loss0, acc0 = evaluate(model, data.test)
     control, ft_s = tune(copy.deepcopy(model))
-    loss_c, acc_c = _evaluate(control, data.test)
+    loss_c, acc_c = evaluate(control, data.test)
     original = {"params": arch.count_params(model), "flops": flops_of(model),
                 "latency_s": latency_of(model), "acc": acc0, "loss": loss0,
                 "acc_logged": res.test_acc, "acc_finetuned": acc_c, "loss_finetuned": loss_c,
@@ -233,9 +221,9 @@ def prune_run(
                "latency_s": latency_of(new), "layers_changed": changed,
                "layers": {k: {kk: vv for kk, vv in v.items() if kk != "kept"}
                           for k, v in info.items()}}
-        row["loss_before"], row["acc_before"] = _evaluate(new, data.test)
+        row["loss_before"], row["acc_before"] = evaluate(new, data.test)
         new, row["finetune_s"] = tune(new)
-        row["loss_after"], row["acc_after"] = _evaluate(new, data.test)
+        row["loss_after"], row["acc_after"] = evaluate(new, data.test)
         rows.append(row)
         log(f"prune {run_dir.name}: {mode}@{tau:g}: params {row['params']}/{original['params']}"
             f" flops {row['flops']}/{original['flops']} acc {100 * acc0:.2f}% -> "
@@ -267,6 +255,18 @@ def _prune_csv(p: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------- sweep integration
+def _want(taus: Sequence[float] | str, mode: str = "factorise", finetune_epochs: int = 1,
+          **kwargs: Any) -> dict[str, Any]:
+    """The settings a kept ``prune.json`` must match (resume)."""
+    return {"mode": mode, "finetune_epochs": finetune_epochs, "taus": parse_taus(taus),
+            "finetune_lr": kwargs.get("finetune_lr")}
+
+
+def _run(run_dir: str | Path, *, taus: Sequence[float], mode: str = "factorise",
+         finetune_epochs: int = 1, **kwargs: Any) -> dict[str, Any]:
+    return prune_run(run_dir, taus, mode, finetune_epochs, **kwargs)
+
+
 def prune_bench(
     out: str | Path,
     taus: Sequence[float],
@@ -277,7 +277,8 @@ def prune_bench(
     log: Callable[[str], None] = print,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """:func:`prune_run` on every run directory of a ``dsbp bench`` output folder.
+    """:func:`prune_run` on every run directory of a ``dsbp bench`` output folder
+    (``ANALYSIS.apply``).
 
     Args:
         out: the sweep's output folder (``out/runs/<name>``).
@@ -289,73 +290,42 @@ def prune_bench(
     Returns:
         The ``prune.json`` contents, in run-name order.
     """
-    want = {"mode": mode, "finetune_epochs": finetune_epochs, "taus": parse_taus(taus),
-            "finetune_lr": kwargs.get("finetune_lr")}
-    return for_each_run(
-        out, "prune.json", want,
-        lambda rdir, ds: prune_run(rdir, want["taus"], mode, finetune_epochs, dataset=ds,
-                                   log=log, **kwargs),
-        resume=resume)
+    return ANALYSIS.apply(out, resume=resume, log=log, taus=parse_taus(taus), mode=mode,
+                          finetune_epochs=finetune_epochs, **kwargs)
 
 
 def _fmt_tau(tau: float) -> str:
     return f"{tau:g}"
 
 
-def add_prune_rows(
-    out: str | Path, rows: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """``results.csv`` rows with the pruning ablation of ``out/runs/*/prune.json`` added.
+def prune_rows(p: dict[str, Any], row: dict[str, Any]
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``results.csv`` rows of one run's ``prune.json`` ``p`` (its training row: ``row``).
 
-    Each training row gets its model's ``params`` / ``flops`` (when a ``prune.json`` exists);
-    each (run, tau) adds a row with method ``"<method>+<mode>@<tau>"``, ``test_acc`` /
-    ``test_loss`` after fine-tuning, ``acc_before_ft`` / ``loss_before_ft``, ``latency_ms`` and
-    ``wall_s`` = fine-tuning seconds; the control adds ``"<method>+finetune"``.
+    The training row gets its model's ``params`` / ``flops`` / ``latency_ms``; each tau adds a
+    row with method ``"<method>+<mode>@<tau>"``, ``test_acc`` / ``test_loss`` after
+    fine-tuning, ``acc_before_ft`` / ``loss_before_ft``, ``latency_ms`` and ``wall_s`` =
+    fine-tuning seconds; the control adds ``"<method>+finetune"``.
 
     Returns:
-        ``(rows + added rows, extra column names)``; no extra columns without any prune.json.
+        ``(columns added to the training row, added rows)``.
     """
-    runs_dir = Path(out) / "runs"
-    added: list[dict[str, Any]] = []
-    for r in rows:
-        p = _read_prune(runs_dir / str(r["run"]))
-        if p is None:
-            continue
-        o = p["original"]
-        r.update({"params": o["params"], "flops": o["flops"],
-                  "latency_ms": 1e3 * o["latency_s"]})
-        base = {k: r.get(k) for k in r if k not in ("method", "test_acc", "test_loss", "wall_s",
-                                                       "message")}
-        added.append({**base, "method": f"{p['method']}+finetune", "tau": "",
-                      "test_acc": o["acc_finetuned"], "test_loss": o["loss_finetuned"],
-                      "acc_before_ft": o["acc"], "loss_before_ft": o["loss"],
-                      "wall_s": o["finetune_s"], "message": ""})
-        for t in p["results"]:
-            added.append({**base, "method": f"{p['method']}+{p['mode']}@{_fmt_tau(t['tau'])}",
-                          "tau": t["tau"], "params": t["params"], "flops": t["flops"],
-                          "latency_ms": 1e3 * t["latency_s"], "test_acc": t["acc_after"],
-                          "test_loss": t["loss_after"], "acc_before_ft": t["acc_before"],
-                          "loss_before_ft": t["loss_before"], "wall_s": t["finetune_s"],
-                          "message": f"finetune_epochs={p['finetune_epochs']}"})
-    return rows + added, (list(PRUNE_COLUMNS) if added else [])
-
-
-def _read_prune(rdir: Path) -> dict[str, Any] | None:
-    f = rdir / "prune.json"
-    if not f.exists():
-        return None
-    p = json.loads(f.read_text())
-    return None if "skipped" in p else p
-
-
-def _ms(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
-    from dsbp.experiments.report import mean_std
-
-    vals = [float(v) * scale for v in values if v not in (None, "")]
-    if not vals:
-        return "n/a"
-    m, s = mean_std(vals)
-    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if not math.isnan(s) else " (n=1)")
+    o = p["original"]
+    ann = {"params": o["params"], "flops": o["flops"], "latency_ms": 1e3 * o["latency_s"]}
+    base = {k: v for k, v in {**row, **ann}.items()
+            if k not in ("method", "test_acc", "test_loss", "wall_s", "message")}
+    added = [{**base, "method": f"{p['method']}+finetune", "tau": "",
+              "test_acc": o["acc_finetuned"], "test_loss": o["loss_finetuned"],
+              "acc_before_ft": o["acc"], "loss_before_ft": o["loss"],
+              "wall_s": o["finetune_s"], "message": ""}]
+    for t in p["results"]:
+        added.append({**base, "method": f"{p['method']}+{p['mode']}@{_fmt_tau(t['tau'])}",
+                      "tau": t["tau"], "params": t["params"], "flops": t["flops"],
+                      "latency_ms": 1e3 * t["latency_s"], "test_acc": t["acc_after"],
+                      "test_loss": t["loss_after"], "acc_before_ft": t["acc_before"],
+                      "loss_before_ft": t["loss_before"], "wall_s": t["finetune_s"],
+                      "message": f"finetune_epochs={p['finetune_epochs']}"})
+    return ann, added
 
 
 def prune_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -365,7 +335,11 @@ def prune_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
     settings, any_settings = None, None  # a skipped run's prune.json has the settings too
     skipped = []
     for rdir in sorted(p for p in runs_dir.iterdir() if (p / "prune.json").exists()):
-        p = json.loads((rdir / "prune.json").read_text())
+        try:
+            p = atomic.read_json(rdir / "prune.json")
+        except atomic.CorruptFileError as err:
+            skipped.append(f"- `{rdir.name}`: {err}")
+            continue
         any_settings = any_settings or p
         if "skipped" in p:
             skipped.append(f"- `{rdir.name}`: {p['skipped']}")
@@ -406,90 +380,20 @@ def prune_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
         before = [r.get("acc_before_ft") if "+" in key[2] else r["test_acc"] for r in g]
         after = [r["test_acc"] for r in g] if "+" in key[2] else []
         lines.append("| " + " | ".join([
-            key[0], key[1], key[2], str(len(g)), _ms([r["params"] for r in g], 1.0, 0),
-            _ms([r["flops"] for r in g], 1e-6, 3), _ms([r["latency_ms"] for r in g], 1.0, 3),
-            _ms(before, 100.0), _ms(after, 100.0) if after else "(as trained)"]) + " |")
+            key[0], key[1], key[2], str(len(g)),
+            mean_std_text([r["params"] for r in g], 1.0, 0),
+            mean_std_text([r["flops"] for r in g], 1e-6, 3),
+            mean_std_text([r["latency_ms"] for r in g], 1.0, 3),
+            mean_std_text(before, 100.0),
+            mean_std_text(after, 100.0) if after else "(as trained)"]) + " |")
     if skipped:
         lines += ["", "Runs left out of the ablation:", "", *skipped]
     return lines
 
 
-def append_prune_report(report: str | Path, out: str | Path,
-                        rows: Sequence[dict[str, Any]]) -> None:
-    """Append :func:`prune_section` to ``report.md`` (atomically; nothing without prune rows)."""
-    lines = prune_section(out, rows)
-    if lines:
-        report = Path(report)
-        atomic.write_text(report, report.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+ANALYSIS = PostHoc(name="prune", result_file="prune.json", columns=tuple(PRUNE_COLUMNS),
+                   run=_run, want=_want, rows=prune_rows, section=prune_section)
 
 
-# ------------------------------------------------------------------------------------ CLI
-def bench_taus(args: argparse.Namespace) -> list[float] | None:
-    """The thresholds of ``dsbp bench --prune T1,T2`` or ``--ablate prune=T1,T2`` (the latter
-    is removed from ``args.ablate`` so the grid does not see it); None if neither is given."""
-    taus = parse_taus(args.prune) if getattr(args, "prune", None) else None
-    keep = []
-    for spec in getattr(args, "ablate", []) or []:
-        key, sep, values = spec.partition("=")
-        if key.strip() == "prune" and sep:
-            if taus is not None:
-                raise ValueError("the pruning thresholds are given twice (--prune and "
-                                 "--ablate prune=...)")
-            taus = parse_taus(values)
-        else:
-            keep.append(spec)
-    if hasattr(args, "ablate"):
-        args.ablate = keep
-    return taus
-
-
-def add_parser(sub: Any) -> None:
-    """``dsbp prune``: the subcommand's parser (loaded by ``dsbp.cli`` when invoked)."""
-    p = sub.add_parser(
-        "prune", help="pruning ablation (spectral factorisation) of finished runs",
-        description="Factorise (or prune) the final model of finished runs at energy "
-        "thresholds tau_E, fine-tune, and write prune.json / prune.csv into each run "
-        "directory. Given a `dsbp bench` output folder, does every run and remakes its "
-        "results.csv and report.md.")
-    p.add_argument("paths", nargs="+", metavar="RUN_DIR",
-                   help="run directories, or `dsbp bench` output folders")
-    p.add_argument("--taus", required=True, help="comma-separated tau_E values in (0, 1]")
-    p.add_argument("--mode", choices=MODES, default="factorise")
-    p.add_argument("--finetune-epochs", type=int, default=1)
-    p.add_argument("--calib-batches", type=int, default=8)
-    p.add_argument("--finetune-lr", type=float,
-                   help="constant SGD lr of the fine-tune (default: a tenth of the run's peak lr)")
-    p.add_argument("--device", help="device for spectra and fine-tuning (default: the run's)")
-    p.add_argument("--redo", action="store_true", help="redo runs with a matching prune.json")
-    p.add_argument("--threads", type=int,
-                   help="torch intra-op CPU threads (default: torch's); latency depends on it")
-    p.set_defaults(func=cmd_prune)
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    """``dsbp prune PATH... --taus ...``."""
-    from dsbp.experiments.sweep import finish
-
-    taus = parse_taus(args.taus)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    kw = {"calib_batches": args.calib_batches, "device": args.device,
-          "finetune_lr": args.finetune_lr}
-    for path in map(Path, args.paths):
-        if (path / "runs").is_dir():
-            prune_bench(path, taus, args.mode, args.finetune_epochs, resume=not args.redo, **kw)
-            made = finish(path)
-            print(f"wrote {made['csv']}, {made['report']}")
-        elif (path / "config.json").exists():
-            p = prune_run(path, taus, args.mode, args.finetune_epochs, **kw)
-            print(f"wrote {path / 'prune.json'}" if "skipped" not in p else p["skipped"])
-        else:
-            raise ValueError(f"{path} is neither a run directory nor a `dsbp bench` folder")
-    return 0
-
-
-__all__ = ["MODES", "PRUNE_COLUMNS", "add_parser", "add_prune_rows",
-           "append_prune_report", "bench_taus", "cmd_prune", "parse_taus", "prune_bench",
-           "prune_run", "prune_section"]
+__all__ = ["ANALYSIS", "MODES", "PRUNE_COLUMNS",
+           "parse_taus", "prune_bench", "prune_rows", "prune_run", "prune_section"]

@@ -139,7 +139,9 @@ def write_report(
         path: the report file.
         rows: ``results.csv`` rows (see ``dsbp.experiments.sweep.collect_rows``).
         varying: ablated setting names (extra columns).
-        info: ``bench.json`` content: ``command``, ``preset``, ``label``, ``env``, ``seeds``.
+        info: ``bench.json`` content: ``command``, ``preset``, ``label``, ``env``, ``seeds``;
+            and ``data_files`` (data set, path, bytes, sha256 of each data file the runs read)
+            and ``problems`` (unreadable files, named), when known.
         plots: PNG file names next to the report.
         configs: the runs' configs (for the configuration section).
     """
@@ -168,6 +170,13 @@ def write_report(
         f"python {env.get('python', '?')}, host `{env.get('host', '?')}`",
         f"- **Runs:** {len(rows)} ({n['ok']} ok, {n['diverged']} diverged, {n['error']} error"
         + (f", {n['incomplete']} incomplete" if n["incomplete"] else "") + ")",
+    ]
+    for f in info.get("data_files") or []:
+        lines.append(f"- **Data ({f.get('dataset')}):** `{f.get('path')}` ({f.get('bytes')} "
+                     f"bytes, sha256 `{f.get('sha256')}`)")
+    for problem in info.get("problems") or []:
+        lines.append(f"- **Unreadable, left out:** {problem}")
+    lines += [
         "",
         "## Measured by this project",
         "",

@@ -25,7 +25,6 @@ wrapped in ``DistributedDataParallel``; only rank 0 writes files. See ``docs/dis
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import random
 import socket
@@ -89,6 +88,61 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (cached per path, size and modification time)."""
+    import hashlib
+
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def data_files(dataset: Any) -> list[dict[str, Any]]:
+    """The data file(s) a loaded ``ImageDataset`` was read from: ``path``, ``bytes`` and
+    ``sha256`` of each, found from its ``source`` (an absolute path there; the bundled
+    subset's package file). A folder layout (e.g. the official IDX or pickle folders) lists
+    every file in it."""
+    import re
+
+    source = str(getattr(dataset, "source", ""))
+    paths: list[Path] = []
+    if getattr(dataset, "name", None) == "bundled":
+        from importlib import resources
+
+        from dsbp.data import bundled
+
+        res = resources.files("dsbp.data").joinpath("bundled").joinpath(bundled.FILE)
+        paths.append(Path(str(res)))
+    for token in re.findall(r"(/[^\s,;()]+)", source):
+        p = Path(token.rstrip(".:"))
+        if p.exists():
+            paths.append(p)
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return [{"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
+            for f in dict.fromkeys(files)]
+
+
+def check_data_root(cfg: RunConfig) -> None:
+    """``ValueError`` if ``cfg.data_root`` is given but is not a folder (the data search would
+    otherwise fall back to ``$DSBP_DATA`` and the other defaults without a word)."""
+    if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
+        raise ValueError(f"data_root {cfg.data_root!r} is not a folder (it does not exist); "
+                         "give a folder that holds the data files, or leave --data-root out "
+                         "to use the default search")
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -266,26 +320,98 @@ class RunResult:
         return dict(self.__dict__)
 
 
+# Statuses of a run whose record is final: never rewritten by a later command.
+FINISHED = ("ok", "diverged")
+
+
 def read_result(run_dir: str | Path) -> RunResult | None:
-    """The ``result.json`` of ``run_dir``, or None if the run has not finished."""
+    """The ``result.json`` of ``run_dir``, or None if the run has not finished.
+
+    Raises:
+        CorruptFileError: ``result.json`` is unreadable (the message names it).
+    """
     p = Path(run_dir) / "result.json"
-    return RunResult(**json.loads(p.read_text())) if p.exists() else None
+    if not p.exists():
+        return None
+    d = atomic.read_json(p)
+    try:
+        return RunResult(**d)
+    except TypeError as err:
+        raise atomic.CorruptFileError(f"{p} is not a run result ({err})") from None
+
+
+def config_diff(saved: RunConfig, requested: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, requested value)}`` for every setting that differs (config
+    fields, and ``method_kwargs`` / ``model_kwargs`` entries by name)."""
+    a, b = saved.to_dict(), requested.to_dict()
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in sorted(set(a) | set(b)):
+        if k in ("method_kwargs", "model_kwargs"):
+            ka, kb = a.get(k) or {}, b.get(k) or {}
+            for kk in sorted(set(ka) | set(kb)):
+                if ka.get(kk, "(unset)") != kb.get(kk, "(unset)"):
+                    out[f"{k}.{kk}"] = (ka.get(kk, "(unset)"), kb.get(kk, "(unset)"))
+        elif a.get(k) != b.get(k):
+            out[k] = (a.get(k), b.get(k))
+    return out
+
+
+def describe_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    """``"lr: saved 0.05, requested 0.1; ..."``."""
+    return "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in diff.items())
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A run's ``checkpoint.pt`` (tensors and plain values only: ``weights_only=True``).
+
+    Raises:
+        CorruptFileError: the file cannot be read or is not a checkpoint of this format (the
+            message names the file; torch's advice to load it unsafely is not passed on).
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise atomic.CorruptFileError(
+            f"{path} is corrupt or not a dsbp checkpoint ({type(err).__name__}: {first}); "
+            "move it away to restart the run from scratch") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise atomic.CorruptFileError(f"{path}: checkpoint format {fmt!r}, expected "
+                                      f"{CHECKPOINT_FORMAT}")
+    return ckpt
 
 
 def write_error(run_dir: str | Path, cfg: RunConfig, err: BaseException, tb: str) -> RunResult:
     """Record a run that raised: status ``error`` in ``result.json``, a status record in
-    ``metrics.jsonl`` (appended to what is there) and the traceback in ``error.txt``."""
+    ``metrics.jsonl`` (appended to what is there) and the traceback in ``error.txt``.
+
+    A run whose ``result.json`` is final (:data:`FINISHED`) is never rewritten: its result is
+    returned as it is. Files that cannot be read (a corrupt ``config.json`` or
+    ``metrics.jsonl``) are left as they are.
+    """
     run_dir = Path(run_dir)
+    message = f"{type(err).__name__}: {err}"
+    try:
+        done = read_result(run_dir)
+    except atomic.CorruptFileError:
+        done = None
+    if done is not None and done.status in FINISHED:
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.json").exists():
         atomic.write_text(run_dir / "config.json", cfg.to_json() + "\n")
     mpath = run_dir / "metrics.jsonl"
-    records = atomic.read_jsonl(mpath) if mpath.exists() else []
-    message = f"{type(err).__name__}: {err}"
-    records.append({"kind": "status", "status": "error", "message": message})
-    atomic.write_jsonl(mpath, records)
+    try:
+        records = atomic.read_jsonl(mpath) if mpath.exists() else []
+    except atomic.CorruptFileError:
+        records = None  # kept as it is: the evidence of what went wrong
+    if records is not None:
+        records.append({"kind": "status", "status": "error", "message": message})
+        atomic.write_jsonl(mpath, records)
     atomic.write_text(run_dir / "error.txt", tb)
-    res = _result_from(records, "error", message, "")
+    res = _result_from(records or [], "error", message, "")
     atomic.write_json(run_dir / "result.json", res.to_dict())
     return res
 
@@ -342,7 +468,11 @@ def run(
 
     Raises:
         FileExistsError: ``run_dir`` holds a run and ``resume`` is False.
-        ValueError: ``resume`` with a ``config.json`` that differs from ``cfg``; bad settings.
+        ValueError: ``resume`` with a ``config.json`` that differs from ``cfg`` (the differing
+            keys are named; nothing is written); bad settings; a ``data_root`` that is not a
+            folder.
+        CorruptFileError: an unreadable ``config.json``, ``result.json``, ``metrics.jsonl``
+            or ``checkpoint.pt`` (named in the message).
     """
     run_dir = Path(run_dir)
     cfg_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
@@ -351,13 +481,15 @@ def run(
         if not resume:
             raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) "
                                   "to continue it or choose another output folder")
-        saved = RunConfig.from_json(cfg_path.read_text())
-        if saved != cfg:
+        saved = load_config(run_dir)
+        diff = config_diff(saved, cfg)
+        if diff:
             raise ValueError(f"cannot resume {run_dir}: its config.json differs from the "
-                             f"requested config\n saved:     {saved}\n requested: {cfg}")
+                             f"requested config in {describe_diff(diff)}")
         done = read_result(run_dir)
-        if done is not None and done.status != "error":
+        if done is not None and done.status in FINISHED:
             return done
+    check_data_root(cfg)
     rank, world_size = world()
     check_ddp(cfg, world_size)
     device = resolve_device(cfg.device)
@@ -367,12 +499,21 @@ def run(
         device = torch.device("cuda", torch.cuda.current_device())
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ValueError("amp='fp16' needs a CUDA device; use amp='bf16' on the CPU")
+    if dataset is None:
+        from dsbp.data import load_dataset
+
+        dataset = load_dataset(cfg.dataset, root=cfg.data_root)
     barrier()  # every rank has checked run_dir before rank 0 writes into it
     env = environment(device)
+    env["data"] = {"dataset": cfg.dataset, "data_root": cfg.data_root,
+                   "source": str(getattr(dataset, "source", "")), "files": data_files(dataset)}
     if is_writer():
         run_dir.mkdir(parents=True, exist_ok=True)
         if env_path.exists() and ckpt_path.exists():
-            first = json.loads(env_path.read_text())
+            try:
+                first = atomic.read_json(env_path)
+            except atomic.CorruptFileError:  # provenance only: start a new record
+                first = {"corrupt_env_replaced": True, **env}
             first.setdefault("resumes", []).append(env)
             env = first
         atomic.write_text(cfg_path, cfg.to_json() + "\n")
@@ -412,10 +553,7 @@ def run(
 
     state = TrainState()
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{ckpt_path}: checkpoint format {ckpt.get('format')!r}, "
-                             f"expected {CHECKPOINT_FORMAT}")
+        ckpt = load_checkpoint(ckpt_path, device)
         unwrap(method.model).load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt["method"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -456,10 +594,21 @@ def run(
 
 
 def load_config(run_dir: str | Path) -> RunConfig:
-    """The :class:`RunConfig` saved in ``run_dir/config.json``."""
-    return RunConfig.from_json((Path(run_dir) / "config.json").read_text())
+    """The :class:`RunConfig` saved in ``run_dir/config.json``.
+
+    Raises:
+        CorruptFileError: the file is not valid JSON or not a valid config (named).
+    """
+    path = Path(run_dir) / "config.json"
+    d = atomic.read_json(path)
+    try:
+        return RunConfig.from_dict(d)
+    except (TypeError, ValueError) as err:
+        raise atomic.CorruptFileError(f"{path} is not a valid run config ({err})") from None
 
 
 __all__ = ["RunResult", "load_config", "read_result", "run", "write_error", "environment",
+           "FINISHED", "config_diff", "describe_diff", "load_checkpoint", "data_files",
+           "check_data_root", "file_sha256",
            "DDP_METHODS", "RankShard", "barrier", "check_ddp", "is_writer", "unwrap", "world",
            "git_commit", "device_name", "rng_state", "set_rng_state", "seed_everything"]

@@ -8,11 +8,12 @@ split shifted by :func:`dsbp.data.shifts.apply_shift` (``rotate``, ``noise``, ``
 ``tent`` (unprojected entropy minimisation) and ``spectral_tta`` (projected). It writes
 ``shift.json`` and ``shift.csv`` into the run directory.
 
+It is a post-hoc analysis (:data:`ANALYSIS`, a :class:`~dsbp.experiments.posthoc.PostHoc`):
 ``dsbp bench --shift rotate,noise --shift-severity 1,3,5`` runs it on every finished run of a
-sweep (:func:`shift_bench`); :func:`add_shift_rows` and :func:`append_shift_report` put rows
+sweep (:func:`shift_bench`); the sweep's ``finish`` puts rows
 ``"<method>+<tta>@<kind><severity>"`` (``test_acc`` = online accuracy) into ``results.csv``
 and a "Shifted test streams" table into ``report.md``. ``dsbp shift RUN_DIR_OR_OUT`` is the
-standalone form.
+standalone form (command line: ``dsbp.cli.posthoc``).
 
 Protocol [ours] (the paper gives none):
 
@@ -33,11 +34,8 @@ Protocol [ours] (the paper gives none):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,14 +44,19 @@ from typing import Any
 import torch
 
 from dsbp.experiments import atomic
-from dsbp.experiments.finished import SkipRun, for_each_run, load_finished
+from dsbp.experiments.posthoc import (
+    PostHoc,
+    SkipRun,
+    evaluate,
+    load_finished,
+    mean_std_text,
+    skipped_result,
+)
 
 # Test-time methods of dsbp.extensions.inference.TTA_METHODS run by default.
 DEFAULT_TTA = ("none", "tent", "spectral_tta")
 KNOWN_TTA = ("none", "bn_stats", "tent", "spectral_tta")
 KINDS = ("rotate", "noise", "blur", "contrast")
-
-# Methods whose checkpointed model is not the plain network of config.json.
 
 # Columns the shift rows add to results.csv.
 SHIFT_COLUMNS = ["tta", "shift", "severity"]
@@ -171,7 +174,6 @@ def shift_run(
             ``run_dir`` not a run.
     """
     from dsbp.data.shifts import apply_shift
-    from dsbp.experiments.prune import _evaluate
     from dsbp.experiments.run import load_config
     from dsbp.extensions.inference import shift_benchmark
 
@@ -194,11 +196,8 @@ def shift_run(
             "model": cfg.model, "seed": cfg.seed, **settings}
 
     def skipped(reason: str) -> dict[str, Any]:
-        log(f"shift {run_dir.name}: skipped: {reason}")
-        out = {**head, "skipped": reason}
-        if write:
-            atomic.write_json(run_dir / "shift.json", out)
-        return out
+        return skipped_result(run_dir, "shift.json", head, reason, write=write, log=log,
+                              what="shift")
 
     dev = torch.device("cpu")  # shift_benchmark normalises its batches on the CPU
     try:
@@ -206,7 +205,7 @@ def shift_run(
     except SkipRun as why:
         return skipped(str(why))
     model.eval()
-    _, clean_acc = _evaluate(model, data.test)
+    _, clean_acc = evaluate(model, data.test)
     x_te, y_te = _test_split(cfg, ds)
     tta = {"lr": tta_lr, "steps": tta_steps}
     kw = {"tent": tta, "spectral_tta": {**tta, "rank": tta_rank}}
@@ -258,6 +257,24 @@ def _shift_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 # ------------------------------------------------------------------------- sweep integration
+_STREAM_SETTINGS = ("batch_size", "stream_seed", "tta_lr", "tta_steps", "tta_rank")
+
+
+def _want(kinds: Sequence[str], severities: Sequence[int], methods: Sequence[str] = DEFAULT_TTA,
+          **kwargs: Any) -> dict[str, Any]:
+    """The settings a kept ``shift.json`` must match (resume)."""
+    want: dict[str, Any] = {"kinds": parse_kinds(kinds),
+                            "severities": parse_severities(severities),
+                            "tta": parse_tta(methods)}
+    want.update({k: kwargs[k] for k in _STREAM_SETTINGS if k in kwargs})
+    return want
+
+
+def _run(run_dir: str | Path, *, kinds: Sequence[str], severities: Sequence[int],
+         methods: Sequence[str] = DEFAULT_TTA, **kwargs: Any) -> dict[str, Any]:
+    return shift_run(run_dir, kinds, severities, methods, **kwargs)
+
+
 def shift_bench(
     out: str | Path,
     kinds: Sequence[str],
@@ -268,7 +285,8 @@ def shift_bench(
     log: Callable[[str], None] = print,
     **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """:func:`shift_run` on every run directory of a ``dsbp bench`` output folder.
+    """:func:`shift_run` on every run directory of a ``dsbp bench`` output folder
+    (``ANALYSIS.apply``).
 
     Args:
         out: the sweep's output folder (``out/runs/<name>``).
@@ -280,23 +298,9 @@ def shift_bench(
     Returns:
         The ``shift.json`` contents, in run-name order.
     """
-    want = {"kinds": parse_kinds(kinds), "severities": parse_severities(severities),
-            "tta": parse_tta(methods)}
-    want.update({k: kwargs[k] for k in ("batch_size", "stream_seed", "tta_lr", "tta_steps",
-                                         "tta_rank") if k in kwargs})
-    return for_each_run(
-        out, "shift.json", want,
-        lambda rdir, ds: shift_run(rdir, want["kinds"], want["severities"], want["tta"],
-                                   dataset=ds, log=log, **kwargs),
-        resume=resume)
-
-
-def _read_shift(rdir: Path) -> dict[str, Any] | None:
-    f = rdir / "shift.json"
-    if not f.exists():
-        return None
-    p = json.loads(f.read_text())
-    return None if "skipped" in p else p
+    return ANALYSIS.apply(out, resume=resume, log=log, kinds=parse_kinds(kinds),
+                          severities=parse_severities(severities), methods=parse_tta(methods),
+                          **kwargs)
 
 
 def shift_method(method: str, tta: str, kind: str, severity: int) -> str:
@@ -304,49 +308,29 @@ def shift_method(method: str, tta: str, kind: str, severity: int) -> str:
     return f"{method}+{tta}@{kind}{int(severity)}"
 
 
-def add_shift_rows(
-    out: str | Path, rows: list[dict[str, Any]]
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """``results.csv`` rows with the shifted-stream rows of ``out/runs/*/shift.json`` added.
+def shift_rows(p: dict[str, Any], row: dict[str, Any]
+               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``results.csv`` rows of one run's ``shift.json`` ``p`` (its training row: ``row``).
 
-    Each (run, shift, severity, test-time method) of a training row (one whose method has no
-    ``+``) adds a row with method ``"<method>+<tta>@<kind><severity>"``, ``test_acc`` = the
-    online accuracy on that stream, ``test_loss`` empty, ``wall_s`` = seconds of that pass,
-    and the columns ``tta``, ``shift``, ``severity``.
+    Each (shift, severity, test-time method) adds a row with method
+    ``"<method>+<tta>@<kind><severity>"``, ``test_acc`` = the online accuracy on that stream,
+    ``test_loss`` empty, ``wall_s`` = seconds of that pass, and the columns ``tta``, ``shift``,
+    ``severity``.
 
     Returns:
-        ``(rows + added rows, extra column names)``; no extra columns without any shift.json.
+        ``({}, added rows)`` (nothing is added to the training row).
     """
-    from dsbp.experiments.prune import PRUNE_COLUMNS
-
-    runs_dir = Path(out) / "runs"
-    drop = {"method", "test_acc", "test_loss", "wall_s", "message", *PRUNE_COLUMNS,
-            "latency_ms"}
-    added: list[dict[str, Any]] = []
-    for r in rows:
-        if "+" in str(r.get("method", "")):
-            continue  # a derived row (pruning ablation...), not a trained run
-        p = _read_shift(runs_dir / str(r["run"]))
-        if p is None:
-            continue
-        base = {k: v for k, v in r.items() if k not in drop}
-        for t in p["results"]:
-            added.append({**base, "method": shift_method(p["method"], t["method"], t["shift"],
-                                                         t["severity"]),
-                          "tta": t["method"], "shift": t["shift"], "severity": t["severity"],
-                          "test_acc": t["accuracy"], "test_loss": None, "wall_s": t["wall_s"],
-                          "message": f"online accuracy, {t['n']} images"})
-    return rows + added, (list(SHIFT_COLUMNS) if added else [])
+    base = {k: v for k, v in row.items()
+            if k not in ("method", "test_acc", "test_loss", "wall_s", "message")}
+    added = [{**base, "method": shift_method(p["method"], t["method"], t["shift"], t["severity"]),
+              "tta": t["method"], "shift": t["shift"], "severity": t["severity"],
+              "test_acc": t["accuracy"], "test_loss": None, "wall_s": t["wall_s"],
+              "message": f"online accuracy, {t['n']} images"} for t in p["results"]]
+    return {}, added
 
 
-def _ms(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
-    from dsbp.experiments.report import mean_std
-
-    vals = [float(v) * scale for v in values if v not in (None, "")]
-    if not vals:
-        return "n/a"
-    m, s = mean_std(vals)
-    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if not math.isnan(s) else " (n=1)")
+def _ms(values: Sequence[Any]) -> str:
+    return mean_std_text(values, 100.0)
 
 
 def shift_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -358,7 +342,11 @@ def shift_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
     runs_dir = Path(out) / "runs"
     settings, skipped = None, []
     for rdir in sorted(p for p in runs_dir.iterdir() if (p / "shift.json").exists()):
-        p = json.loads((rdir / "shift.json").read_text())
+        try:
+            p = atomic.read_json(rdir / "shift.json")
+        except atomic.CorruptFileError as err:
+            skipped.append(f"- `{rdir.name}`: {err}")
+            continue
         if "skipped" in p:
             skipped.append(f"- `{rdir.name}`: {p['skipped']}")
             continue
@@ -422,97 +410,10 @@ def shift_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def append_shift_report(report: str | Path, out: str | Path,
-                        rows: Sequence[dict[str, Any]]) -> None:
-    """Append :func:`shift_section` to ``report.md`` (atomically; nothing without shift rows)."""
-    lines = shift_section(out, rows)
-    if lines:
-        report = Path(report)
-        atomic.write_text(report, report.read_text().rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+ANALYSIS = PostHoc(name="shift", result_file="shift.json", columns=tuple(SHIFT_COLUMNS),
+                   run=_run, want=_want, rows=shift_rows, section=shift_section)
 
 
-# ------------------------------------------------------------------------------------ CLI
-def _add_tta_options(p: Any, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}tta", default=",".join(DEFAULT_TTA),
-                   help="test-time methods: none, bn_stats, tent, spectral_tta (default: "
-                   + ",".join(DEFAULT_TTA) + ")")
-    p.add_argument(f"--{prefix}tta-lr", type=float, default=1e-3,
-                   help="Adam lr of tent / spectral_tta (default 1e-3)")
-    p.add_argument(f"--{prefix}tta-steps", type=int, default=1,
-                   help="entropy steps per test batch (default 1)")
-    p.add_argument(f"--{prefix}tta-rank", type=int, default=10,
-                   help="rank k of the bases spectral_tta tracks (default 10)")
-    p.add_argument(f"--{prefix}batch-size", type=int, default=128,
-                   help="test-stream batch size (default 128)")
-
-
-def add_bench_options(p: Any) -> None:
-    """The ``dsbp bench`` flags of the shifted-stream evaluation (``--shift`` and friends)."""
-    p.add_argument("--shift", metavar="KINDS",
-                   help="after training, evaluate each run on shifted test streams "
-                   "(dsbp.experiments.shift): comma-separated kinds of rotate, noise, blur, "
-                   "contrast. Adds rows '<method>+<tta>@<kind><severity>' to results.csv and "
-                   "a table to report.md")
-    p.add_argument("--shift-severity", default="1,3,5", metavar="S1,S2",
-                   help="severities 0..5 of --shift (0 = clean; default 1,3,5)")
-    _add_tta_options(p, prefix="shift-")
-
-
-def bench_shift_kwargs(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The :func:`shift_bench` arguments of ``dsbp bench --shift ...`` (validated), or None."""
-    if not getattr(args, "shift", None):
-        return None
-    return {"kinds": parse_kinds(args.shift), "severities": parse_severities(args.shift_severity),
-            "methods": parse_tta(args.shift_tta), "tta_lr": args.shift_tta_lr,
-            "tta_steps": args.shift_tta_steps, "tta_rank": args.shift_tta_rank,
-            "batch_size": args.shift_batch_size}
-
-
-def add_parser(sub: Any) -> None:
-    """``dsbp shift``: the subcommand's parser (loaded by ``dsbp.cli`` when invoked)."""
-    p = sub.add_parser(
-        "shift", help="test-time adaptation of finished runs on shifted test streams",
-        description="Evaluate the final model of finished runs online on shifted test streams "
-        "with no adaptation, TENT and spectral TTA, and write shift.json / shift.csv into "
-        "each run directory. Given a `dsbp bench` output folder, does every run and remakes "
-        "its results.csv and report.md.")
-    p.add_argument("paths", nargs="+", metavar="RUN_DIR_OR_OUT",
-                   help="run directories, or `dsbp bench` output folders")
-    p.add_argument("--kinds", default=",".join(KINDS),
-                   help="shift kinds (default: " + ",".join(KINDS) + ")")
-    p.add_argument("--severities", default="1,3,5", help="severities 0..5 (default 1,3,5)")
-    _add_tta_options(p)
-    p.add_argument("--redo", action="store_true", help="redo runs with a matching shift.json")
-    p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's)")
-    p.set_defaults(func=cmd_shift)
-
-
-def cmd_shift(args: argparse.Namespace) -> int:
-    """``dsbp shift PATH... --kinds ... --severities ...``."""
-    from dsbp.experiments.sweep import finish
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    kinds, sevs, ttas = (parse_kinds(args.kinds), parse_severities(args.severities),
-                         parse_tta(args.tta))
-    kw = {"tta_lr": args.tta_lr, "tta_steps": args.tta_steps, "tta_rank": args.tta_rank,
-          "batch_size": args.batch_size}
-    for path in map(Path, args.paths):
-        if (path / "runs").is_dir():
-            shift_bench(path, kinds, sevs, ttas, resume=not args.redo, **kw)
-            made = finish(path)
-            print(f"wrote {made['csv']}, {made['report']}")
-        elif (path / "config.json").exists():
-            p = shift_run(path, kinds, sevs, ttas, **kw)
-            print(f"wrote {path / 'shift.json'}" if "skipped" not in p else p["skipped"])
-        else:
-            raise ValueError(f"{path} is neither a run directory nor a `dsbp bench` folder")
-    return 0
-
-
-__all__ = ["DEFAULT_TTA", "KINDS", "SHIFT_COLUMNS", "add_bench_options", "add_parser",
-           "add_shift_rows", "append_shift_report", "bench_shift_kwargs", "cmd_shift",
-           "parse_kinds", "parse_severities", "parse_tta", "shift_bench", "shift_method",
-           "shift_run", "shift_section"]
+__all__ = ["ANALYSIS", "DEFAULT_TTA", "KINDS", "KNOWN_TTA", "SHIFT_COLUMNS",
+           "parse_kinds", "parse_severities", "parse_tta",
+           "shift_bench", "shift_method", "shift_rows", "shift_run", "shift_section"]

@@ -1,42 +1,17 @@
-"""The ``dsbp`` command line.
+"""``dsbp bench``, ``dsbp demo`` and ``dsbp report``: flags, and how they become a grid.
 
-Subcommands:
-
-- ``dsbp bench``: run a grid (data sets x methods x ablations x seeds), write one run
-  directory per run, ``results.csv``, ``report.md`` and PNG plots.
-- ``dsbp demo``: the ``demo`` preset (SGD vs DSBP on the bundled Fashion-MNIST subset, about a
-  minute on a CPU); prints a results table and writes the learning curves.
-- ``dsbp report OUT``: remake ``results.csv``, ``report.md`` and the plots from run directories.
-- ``dsbp diagnose`` / ``dsbp figures``: diagnostics and paper figures, from
-  ``dsbp.experiments.diagnose_cli`` and ``dsbp.plots.figures`` when those are installed.
-
-Examples::
-
-    dsbp bench --preset smoke --out runs/smoke
-    dsbp bench --datasets fashion_mnist --methods sgd,sam,dsbp --epochs 5 --seeds 3 \\
-        --subset 5000 --out runs/fmnist
-    dsbp bench --methods dsbp --ablate rank=2,5,10 --ablate interval=10,100 --out runs/abl
-    dsbp bench --preset demo --model mlp --nproc 2 --out runs/demo_ddp   # 2 DDP processes
+Flags mean what they say: an explicit flag (``--lr``, ``--set rho=...``) beats the preset's
+per-method value; ``--set`` / ``--ablate`` keys must exist and values are typed
+(:mod:`dsbp.experiments.settings`); a flag the chosen runner does not read is refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import shlex
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-# Subcommands owned by other modules: (command, module); imported only when invoked.
-_OPTIONAL_COMMANDS = (
-    ("diagnose", "dsbp.experiments.diagnose_cli"),
-    ("figures", "dsbp.plots.figures"),
-    ("prune", "dsbp.experiments.prune"),
-    ("shift", "dsbp.experiments.shift"),
-    ("fewshot", "dsbp.experiments.fewshot"),
-)
+__all__ = ["add_bench", "add_demo", "add_report", "cmd_bench", "cmd_demo", "cmd_report"]
 
 
 def _csv(text: str) -> list[str]:
@@ -46,7 +21,8 @@ def _csv(text: str) -> list[str]:
     return items
 
 
-def _add_bench(sub: Any) -> None:
+def add_bench(sub: Any) -> None:
+    """``dsbp bench``: the subcommand's parser."""
     p = sub.add_parser(
         "bench", help="run a grid of training runs and write results.csv, report.md, plots",
         description="Run data sets x methods x ablations x seeds; each run gets a directory "
@@ -90,24 +66,17 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--threads", type=int,
                    help="torch intra-op CPU threads (default: torch's; recorded in env.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--prune", metavar="T1,T2",
-                   help="after training, the pruning ablation (dsbp.experiments.prune) at these "
-                   "energy thresholds tau_E; also accepted as --ablate prune=T1,T2. Adds rows "
-                   "'<method>+factorise@<tau>' to results.csv and a table to report.md")
-    p.add_argument("--prune-mode", choices=("factorise", "prune"), default="factorise",
-                   help="factorise each layer into two thinner ones (default) or prune units")
-    p.add_argument("--prune-finetune", type=int, default=1, metavar="EPOCHS",
-                   help="SGD fine-tuning epochs after factorising / pruning (default 1)")
-    from dsbp.experiments.shift import add_bench_options
+    from dsbp.cli.posthoc import add_bench_options
 
-    add_bench_options(p)  # --shift KINDS --shift-severity ...: test-time adaptation
-    p.set_defaults(func=cmd_bench)
+    add_bench_options(p)  # --prune T1,T2 / --shift KINDS ...: post-training analyses
+    p.set_defaults(func=cmd_bench, bench_defaults=p.parse_args([]))
 
 
 def _grid_from_args(args: argparse.Namespace) -> tuple[list[Any], str | None]:
     """The grid the bench flags describe, and its preset name."""
     from dsbp.experiments.config import RunConfig, get_preset, with_setting
-    from dsbp.experiments.sweep import expand_grid, parse_ablation, parse_value
+    from dsbp.experiments.settings import check_trackers, parse_ablations, parse_assignments
+    from dsbp.experiments.sweep import expand_grid
 
     preset = get_preset(args.preset) if args.preset else None
     base = preset.base if preset else RunConfig()
@@ -122,54 +91,28 @@ def _grid_from_args(args: argparse.Namespace) -> tuple[list[Any], str | None]:
              "val_split": args.val_split,
              "device": args.device, "amp": args.amp, "data_root": args.data_root,
              "track": tuple(args.track) if args.track else None}
-    for key, value in flags.items():
-        if value is not None:
-            base = with_setting(base, key, value)
-    for item in args.sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        base = with_setting(base, key.strip(), parse_value(value.strip()))
-    ablations: dict[str, list[Any]] = {}
-    for spec in args.ablate:
-        key, values = parse_ablation(spec)
-        if key in ablations:
-            raise ValueError(f"--ablate {key} given twice")
-        ablations[key] = values
-    overrides = dict(preset.method_overrides) if preset else {}
+    explicit = {k: v for k, v in flags.items() if v is not None}
+    if args.track:
+        check_trackers(args.track)
+    sets = parse_assignments(args.sets, methods)
+    both = sorted(set(sets) & set(explicit))
+    if both:
+        raise ValueError(f"{', '.join(both)} given both as a flag and with --set")
+    explicit.update(sets)
+    for key, value in explicit.items():
+        base = with_setting(base, key, value)
+    from dsbp.experiments.run import check_data_root
+
+    check_data_root(base)  # a --data-root that does not exist is an error, not a fallback
+    ablations = parse_ablations(args.ablate, methods)
+    # Explicit flags (and ablated values) beat the preset's per-method values.
+    overrides = {m: {k: v for k, v in kw.items() if k not in explicit and k not in ablations}
+                 for m, kw in (preset.method_overrides.items() if preset else ())}
     if args.first_seed < 0:
         raise ValueError(f"--first-seed must be >= 0, got {args.first_seed}")
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     runs = expand_grid(base, datasets, methods, seeds, ablations, overrides)
     return runs, (preset.name if preset else None)
-
-
-def _bench_fewshot(args: argparse.Namespace) -> int:
-    """``dsbp bench --methods maml,spectral_maml``: the few-shot methods train on episodes, not
-    on the supervised loop, so the grid goes to :func:`dsbp.experiments.fewshot.fewshot` (same
-    output layout as ``dsbp fewshot``: results.csv, report.md, one JSON per cell)."""
-    from dsbp.experiments.fewshot import METHODS as FEWSHOT
-    from dsbp.experiments.fewshot import FewshotConfig, fewshot
-
-    other = [m for m in args.methods if m not in FEWSHOT]
-    if other:
-        raise ValueError(f"few-shot methods {sorted(FEWSHOT)} cannot share a grid with "
-                         f"{other}: run them in separate `dsbp bench` calls")
-    if args.nproc > 1 or _torchrun_world_size() > 1:
-        raise ValueError("few-shot methods run in one process; drop --nproc / torchrun")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    base = FewshotConfig()
-    cfg = FewshotConfig(
-        datasets=tuple(args.datasets or base.datasets), methods=tuple(args.methods),
-        seeds=tuple(range(args.seeds)) if args.seeds else base.seeds,
-        device=args.device or base.device, data_root=args.data_root)
-    made = fewshot(cfg, args.out or "runs/fewshot", command=args.command_line,
-                   resume=bool(args.resume))
-    print(f"wrote {made['csv']}, {made['report']}")
-    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -179,19 +122,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     if args.methods and set(args.methods) & {"maml", "spectral_maml"}:
-        return _bench_fewshot(args)
-    from dsbp.experiments.prune import bench_taus
+        from dsbp.cli.fewshot import bench_fewshot
 
-    prune_taus = bench_taus(args)  # --prune / --ablate prune=...: taken out of the grid
-    if prune_taus and (args.nproc > 1 or _torchrun_world_size() > 1):
-        raise ValueError("--prune runs after single-process benches only; with --nproc > 1 "
-                         "run `dsbp prune OUT --taus ...` on the output folder afterwards")
-    from dsbp.experiments.shift import bench_shift_kwargs
+        if _torchrun_world_size() > 1:
+            raise ValueError("few-shot methods run in one process; drop --nproc / torchrun")
+        return bench_fewshot(args, args.bench_defaults)
+    from dsbp.cli.posthoc import bench_analyses
 
-    shift_kw = bench_shift_kwargs(args)  # --shift KINDS: after training, on the CPU
-    if shift_kw and (args.nproc > 1 or _torchrun_world_size() > 1):
-        raise ValueError("--shift runs after single-process benches only; with --nproc > 1 "
-                         "run `dsbp shift OUT --kinds ...` on the output folder afterwards")
+    analyses = bench_analyses(args)  # --prune / --ablate prune=... / --shift: after training
+    if analyses and (args.nproc > 1 or _torchrun_world_size() > 1):
+        names = " and ".join(f"--{a.name}" for a, _ in analyses)
+        raise ValueError(f"{names} run after single-process benches only; with --nproc > 1 "
+                         f"run `dsbp {analyses[0][0].name} OUT ...` on the output folder "
+                         "afterwards")
     runs, preset = _grid_from_args(args)
     from dsbp.experiments.config import get_preset
 
@@ -211,18 +154,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _set_threads(threads)
     print(f"dsbp bench: {len(runs)} runs -> {out}")
     made = bench(runs, out, meta=meta, resume=args.resume, progress=not args.no_progress)
-    if prune_taus:
-        from dsbp.experiments.prune import prune_bench
+    if analyses:
+        from dsbp.experiments.atomic import FolderLock
         from dsbp.experiments.sweep import finish
 
-        prune_bench(out, prune_taus, args.prune_mode, args.prune_finetune, resume=args.resume)
-        made = {**made, **finish(out)}
-    if shift_kw:
-        from dsbp.experiments.shift import shift_bench
-        from dsbp.experiments.sweep import finish
-
-        shift_bench(out, resume=args.resume, **shift_kw)
-        made = {**made, **finish(out)}
+        with FolderLock(out):
+            for analysis, settings in analyses:
+                analysis.apply(out, resume=args.resume, **settings)
+            made = {**made, **finish(out)}
     _print_table(made["results"])
     print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))
     return 1 if any(res.status == "error" for _, res in made["results"]) else 0
@@ -232,15 +171,19 @@ def _bench_multiprocess(runs: Sequence[Any], out: str, meta: dict[str, Any],
                         args: argparse.Namespace, threads: int | None) -> int:
     """``dsbp bench --nproc N``: the grid in N data-parallel processes (see
     :func:`_bench_worker`); the results are read back from the run directories."""
+    from dsbp.experiments.atomic import FolderLock
+    from dsbp.experiments.sweep import preflight
     from dsbp.optim.distributed import launch
 
     backend = _check_ddp_grid(runs, args.nproc, out, args.resume)
-    print(f"dsbp bench: {len(runs)} runs x {args.nproc} processes ({backend}) -> {out}")
-    # [ours] 1 torch thread per process unless --threads says otherwise: N processes on a
-    # CPU already use N cores.
-    launch(_bench_worker, args.nproc,
-           args=(list(runs), out, meta, args.resume, not args.no_progress,
-                 threads if threads is not None else 1), backend=backend)
+    with FolderLock(out):  # held here for the workers (they do not lock)
+        preflight(runs, out, args.resume)  # refuse before any process starts
+        print(f"dsbp bench: {len(runs)} runs x {args.nproc} processes ({backend}) -> {out}")
+        # [ours] 1 torch thread per process unless --threads says otherwise: N processes on a
+        # CPU already use N cores.
+        launch(_bench_worker, args.nproc,
+               args=(list(runs), out, meta, args.resume, not args.no_progress,
+                     threads if threads is not None else 1, False), backend=backend)
     return _report_from_dirs(runs, out)
 
 
@@ -305,16 +248,21 @@ def _bench_under_torchrun(runs: Sequence[Any], out: str, meta: dict[str, Any],
 
 def _report_from_dirs(runs: Sequence[Any], out: str) -> int:
     """Print the results table from the run directories; 1 if any run has status error."""
+    import math
     from pathlib import Path
 
-    from dsbp.experiments.run import read_result
+    from dsbp.experiments.run import RunResult, read_result
 
     runs_dir = Path(out) / "runs"
     results = []
     for gr in runs:
-        res = read_result(runs_dir / gr.name)
+        try:
+            res = read_result(runs_dir / gr.name)
+        except ValueError as err:  # an unreadable result.json, named
+            res = RunResult("error", math.nan, math.nan, 0.0, 0, 0, str(err))
         if res is None:
-            raise RuntimeError(f"run {gr.name} wrote no result.json")
+            res = RunResult("error", math.nan, math.nan, 0.0, 0, 0,
+                            "not run (see the messages above)")
         results.append((gr, res))
     _print_table(results)
     print(f"wrote {Path(out) / 'results.csv'}, {Path(out) / 'report.md'}")
@@ -322,15 +270,16 @@ def _report_from_dirs(runs: Sequence[Any], out: str) -> int:
 
 
 def _bench_worker(rank: int, world_size: int, runs: list[Any], out: str, meta: dict[str, Any],
-                  resume: bool, progress: bool, threads: int) -> None:
+                  resume: bool, progress: bool, threads: int, lock: bool = True) -> None:
     """One process of ``dsbp bench --nproc N`` (started by ``dsbp.optim.distributed.launch``
     with the process group up): the whole grid, this rank's slice of every batch; rank 0
-    writes the run directories, ``results.csv``, ``report.md`` and the plots."""
+    writes the run directories, ``results.csv``, ``report.md`` and the plots (and takes the
+    folder's lock unless ``lock`` is False: the launching process holds it)."""
     from dsbp.experiments.sweep import bench
 
     _set_threads(threads)
     bench(runs, out, meta=meta, resume=resume, progress=progress and rank == 0,
-          log=print if rank == 0 else (lambda _line: None))
+          log=print if rank == 0 else (lambda _line: None), lock=lock)
 
 
 def _set_threads(n: int | None) -> None:
@@ -352,7 +301,8 @@ def _print_table(results: Sequence[tuple[Any, Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
 
 
-def _add_demo(sub: Any) -> None:
+def add_demo(sub: Any) -> None:
+    """``dsbp demo``: the subcommand's parser."""
     p = sub.add_parser("demo", help="SGD vs DSBP on the bundled Fashion-MNIST subset (~1 min)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--device", default=None)
@@ -382,7 +332,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if any(res.status == "error" for _, res in made["results"]) else 0
 
 
-def _add_report(sub: Any) -> None:
+def add_report(sub: Any) -> None:
+    """``dsbp report``: the subcommand's parser."""
     p = sub.add_parser("report", help="remake results.csv, report.md and plots of a bench folder")
     p.add_argument("out", help="a `dsbp bench` output folder")
     p.add_argument("--label", help="override the setting line atop report.md")
@@ -394,42 +345,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from dsbp.experiments.sweep import finish
 
     made = finish(args.out, {"label": args.label} if args.label else None)
+    for line in made["problems"]:
+        print(f"unreadable, left out: {line}")
     print(f"wrote {made['csv']}, {made['report']}, " + ", ".join(map(str, made["plots"])))
     return 0
-
-
-def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """The ``dsbp`` parser. Optional subcommands (diagnose, figures) are imported only when
-    ``argv`` invokes them, so a broken or missing optional module never breaks ``bench``."""
-    parser = argparse.ArgumentParser(prog="dsbp", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_bench(sub)
-    _add_demo(sub)
-    _add_report(sub)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    for name, module in _OPTIONAL_COMMANDS:
-        if importlib.util.find_spec(module) is None:
-            continue
-        if command == name:
-            importlib.import_module(module).add_parser(sub)
-        else:  # listed in --help; the real parser is built when invoked
-            sub.add_parser(name, help=f"(see `dsbp {name} -h`; from {module})")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dsbp`` console script; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    args.command_line = "dsbp " + shlex.join(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileExistsError) as err:
-        parser.exit(2, f"dsbp {args.command}: error: {err}\n")
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

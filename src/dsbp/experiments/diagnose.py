@@ -1,4 +1,9 @@
-"""``dsbp diagnose RUN_DIR``: diagnostics of a run's final checkpoint, written into the run.
+"""Diagnostics of a run's final checkpoint, written into the run (``dsbp diagnose RUN_DIR``;
+command line: ``dsbp.cli.diagnose``).
+
+Only a finished run is diagnosed unless ``allow_unfinished`` (``--unfinished``) is given: the
+checkpoint of an unfinished run is a mid-training state, and ``diagnostics.json`` then says so
+(``run_status``, ``checkpoint_epoch``, ``checkpoint_step``).
 
 Loads ``config.json`` and ``checkpoint.pt``, rebuilds the model, and computes on the first
 ``--batches`` training batches (no augmentation, fixed order):
@@ -20,7 +25,6 @@ Writes ``RUN_DIR/diagnostics/diagnostics.json`` and PNGs of the slices and the c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,42 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["add_parser", "diagnose_run"]
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``dsbp diagnose`` to an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "diagnose", help="Hessian, landscape, perturbation (and PAC-Bayes) of a run's checkpoint",
-        description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dirs", nargs="+", help="run directories (with checkpoint.pt)")
-    p.add_argument("--batches", type=int, default=2, help="training batches used (default 2)")
-    p.add_argument("--hessian-k", type=int, default=3)
-    p.add_argument("--trace-samples", type=int, default=20)
-    p.add_argument("--rank", type=int, default=10, help="k for the activation spectra")
-    p.add_argument("--slice-points", type=int, default=21)
-    p.add_argument("--slice-2d-points", type=int, default=9)
-    p.add_argument("--perturb-draws", type=int, default=5)
-    p.add_argument("--pac-bayes", action="store_true", help="also compute the PAC-Bayes bound")
-    p.add_argument("--pac-samples", type=int, default=2000,
-                   help="training examples for the PAC-Bayes bound (its m)")
-    p.add_argument("--pac-mc", type=int, default=20, help="Monte Carlo weight draws per s")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-png", action="store_true", help="write the JSON only")
-    p.set_defaults(func=_cmd)
-    return p
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    for rd in args.run_dirs:
-        out = diagnose_run(
-            rd, batches=args.batches, hessian_k=args.hessian_k, trace_samples=args.trace_samples,
-            rank=args.rank, slice_points=args.slice_points, slice_2d_points=args.slice_2d_points,
-            perturb_draws=args.perturb_draws, pac_bayes=args.pac_bayes,
-            pac_samples=args.pac_samples, pac_mc=args.pac_mc, device=args.device,
-            png=not args.no_png)
-        print(f"wrote {out}")
-    return 0
+__all__ = ["diagnose_run"]
 
 
 def _activation_spectra(model: nn.Module, x: torch.Tensor, rank: int, projector: Any
@@ -135,8 +104,15 @@ def diagnose_run(
     pac_mc: int = 20,
     device: str = "cpu",
     png: bool = True,
+    allow_unfinished: bool = False,
 ) -> Path:
-    """Compute the diagnostics of one run's final checkpoint; returns the JSON path."""
+    """Compute the diagnostics of one run's final checkpoint; returns the JSON path.
+
+    Raises:
+        ValueError: no checkpoint, or the run has not finished (no ``result.json``) and
+            ``allow_unfinished`` is False.
+        CorruptFileError: an unreadable ``config.json``, ``result.json`` or checkpoint.
+    """
     from dsbp import diagnostics as dg
     from dsbp.diagnostics.landscape import hessian_directions
     from dsbp.experiments.build import (
@@ -147,7 +123,7 @@ def diagnose_run(
         load_data,
         resolve_device,
     )
-    from dsbp.experiments.run import load_config
+    from dsbp.experiments.run import load_checkpoint, load_config, read_result
 
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -155,13 +131,21 @@ def diagnose_run(
         raise ValueError(f"{run_dir}: no checkpoint.pt (has the run started?)")
     t0 = time.time()
     cfg = load_config(run_dir)
+    res = read_result(run_dir)
+    ckpt = load_checkpoint(ckpt_path, "cpu")
+    where = (f"epoch {ckpt['state'].get('epoch')}, batch {ckpt['state'].get('batch')}, "
+             f"step {ckpt['state'].get('step')} of {cfg.epochs} epoch(s)")
+    if res is None and not allow_unfinished:
+        raise ValueError(f"{run_dir} has not finished (no result.json): its checkpoint is a "
+                         f"mid-training state ({where}). Finish it with `dsbp bench --resume`, "
+                         "or pass --unfinished to diagnose that state anyway")
     dev = resolve_device(device)
     # Un-augmented training batches in a fixed order: the loss being diagnosed.
     data = load_data(dataclasses.replace(cfg, augment=False), dev)
     model = build_model_for(cfg, data).to(dev)
     init = build_model_for(cfg, data).to(dev)  # the seeded initial weights (PAC-Bayes prior)
     loss_fn = build_loss(cfg)
-    ckpt = torch.load(ckpt_path, map_location=dev, weights_only=True)
+    ckpt = load_checkpoint(ckpt_path, dev)
     model.load_state_dict(ckpt["model"])
     projector = None
     try:  # the run's DSBP bases, for figure 2; methods without a projector skip this
@@ -182,7 +166,11 @@ def diagnose_run(
         batch_list.append((b[0], b[1]))
     gen = torch.Generator().manual_seed(0)
     out: dict[str, Any] = {"run_dir": str(run_dir), "method": cfg.method, "dataset": cfg.dataset,
-                           "model": cfg.model, "seed": cfg.seed, "batches": batches,
+                           "model": cfg.model, "seed": cfg.seed,
+                           "run_status": res.status if res is not None else "unfinished",
+                           "checkpoint_epoch": ckpt["state"].get("epoch"),
+                           "checkpoint_step": ckpt["state"].get("step"),
+                           "batches": batches,
                            "examples": sum(int(y.shape[0]) for _, y in batch_list)}
     eig = dg.hessian_top_eigenvalues(model, loss_fn, batch_list, k=hessian_k, generator=gen)
     out["hessian_top_eigenvalues"] = eig.eigenvalues.tolist()
@@ -269,6 +257,8 @@ def _pngs(out: dict, dest: Path) -> None:
     ax[1].errorbar(p["radii"], p["mean_increase"], yerr=p["std_increase"], marker="o")
     ax[1].set_xlabel("relative perturbation radius r (noise norm / filter norm)")
     ax[1].set_ylabel("loss increase (nats), mean +- std over draws")
-    fig.suptitle(f"{out['method']} on {out['dataset']} (seed {out['seed']})")
+    state = "" if out.get("run_status") != "unfinished" else \
+        f", UNFINISHED: checkpoint at step {out.get('checkpoint_step')}"
+    fig.suptitle(f"{out['method']} on {out['dataset']} (seed {out['seed']}{state})")
     fig.savefig(dest / "landscape_perturbation.png", dpi=120)
     plt.close(fig)
