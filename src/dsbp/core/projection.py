@@ -8,6 +8,8 @@ C_out x C_in*kh*kw). The basis ``E`` is (d, k) with orthonormal columns, where d
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 SIDES = ("output", "input")
@@ -60,6 +62,126 @@ def sharpness_term(
     raise ValueError(f"side must be one of {SIDES}, got {side!r}")
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def dsbp_coordinates(
+    G: torch.Tensor,
+    E: torch.Tensor,
+    side: str,
+    *,
+    W: torch.Tensor | None = None,
+    scale: torch.Tensor | float = 0.0,
+    residual: float = 0.0,
+    rescale: bool = False,
+    max_rescale: float = 10.0,
+    row_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
+) -> torch.Tensor:
+    """The DSBP direction's part in the basis: the thin factor ``M`` of :func:`dsbp_update`.
+
+    Output side ``M = (1 - a) c E^T G + s e_1 (e1^T W)`` (k, d_in); input side
+    ``M = (1 - a) c G E + s (W e1) e_1^T`` (d_out, k), with ``e_1`` the first unit vector of
+    R^k, ``s`` the sharpness scale (``beta * lambda_1 / trace C``), ``a`` the residual weight and
+    ``c = min(||G|| / ||E^T G||, max_rescale)`` when ``rescale`` (``||E E^T G|| = ||E^T G||``
+    for orthonormal E), else 1. Then the direction is ``a G + E M`` (output) or ``a G + M E^T``
+    (input). With ``a = 0`` and no rescale, ``M`` is the coordinates of the direction in the
+    basis (what :class:`~dsbp.optim.subspace_state.SubspaceAdam` keeps its moments on).
+
+    All of it works on one matrix or a stack: G, W (B, d_out, d_in), E (B, d, k), ``scale`` (B,).
+
+    Row shards: when each process holds some rows of G and W (FSDP2), pass the rows of E that
+    match them (output side) and a ``row_sum`` that adds a tensor up over the shards: the
+    output side's ``E^T G`` and ``e1^T W`` are sums over rows, and the rescale's norms too.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    output, stacked = side == "output", G.dim() == 3
+    G = G.to(E.dtype)
+    W = None if W is None else W.to(E.dtype)
+    u: torch.Tensor | None = None
+    if output:
+        M = E.mT @ G  # (k, d_in)
+        if W is not None:  # e1^T W rides along in the same reduction
+            M = row_sum(torch.cat([M, E[..., :, :1].mT @ W], dim=-2))
+            M, u = M[..., :-1, :], M[..., -1:, :]
+        else:
+            M = row_sum(M)
+    else:
+        M = G @ E  # (d_out, k): row-local
+        u = None if W is None else W @ E[..., :, :1]  # (d_out, 1)
+    coef: torch.Tensor | float = 1.0 - residual
+    if rescale:
+        g2, m2 = G.square().sum((-2, -1)), M.square().sum((-2, -1))
+        if output:  # M is already summed over the shards
+            g2 = row_sum(g2)
+        else:
+            g2, m2 = row_sum(torch.stack([g2, m2])).unbind(0)
+        c = (g2.sqrt() / m2.sqrt().clamp(min=1e-30)).clamp(max=max_rescale)
+        coef = c.view(-1, 1, 1) * (1.0 - residual) if stacked else c * (1.0 - residual)
+    if isinstance(coef, torch.Tensor) or coef != 1.0:
+        M = M * coef
+    if u is not None:
+        s = torch.as_tensor(scale, dtype=M.dtype, device=M.device)
+        s = s.view(-1, 1, 1) if stacked and s.dim() == 1 else s
+        if output:
+            M[..., :1, :] += s * u
+        else:
+            M[..., :, :1] += s * u
+    return M
+
+
+def dsbp_update_(
+    G: torch.Tensor,
+    E: torch.Tensor,
+    side: str,
+    *,
+    W: torch.Tensor | None = None,
+    scale: torch.Tensor | float = 0.0,
+    residual: float = 0.0,
+    rescale: bool = False,
+    max_rescale: float = 10.0,
+    row_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
+) -> torch.Tensor:
+    """Overwrite ``G`` with the DSBP direction, in place; return which matrices were finite.
+
+    ``G <- a G + (1 - a) c E E^T G + s e1 e1^T W`` (output side) or
+    ``G <- a G + (1 - a) c G E E^T + s W e1 e1^T`` (input side): METHOD.md §1's projection and
+    sharpness term, with our residual and rescale switches (see :func:`dsbp_coordinates`, which
+    computes the thin factor). This is the one place DSBP's update is written; every execution
+    path (the per-weight loop, the stacked path, the CUDA graph) calls it, and SubspaceAdam
+    calls :func:`dsbp_coordinates`.
+
+    Non-finite gradients: a projection would spread one bad entry over a whole column (output
+    side) or row (input side). Where the thin factor is not finite, that matrix is left as it
+    was (no host synchronisation: a masked update), and the returned bool tensor (() or (B,))
+    is False for it.
+
+    Args:
+        G: gradient (d_out, d_in) or stack (B, d_out, d_in); overwritten.
+        E: orthonormal basis (d, k) or (B, d, k).
+        side: ``"output"`` or ``"input"``.
+        W: the weights (same shape as G), needed when ``scale`` is non-zero.
+        scale: sharpness scale ``beta * lambda_1 / trace C``: a number, 0-d or (B,) tensor.
+        residual: a in [0, 1], the weight kept on the plain gradient.
+        rescale, max_rescale: rescale the projected part to the gradient's norm, at most so.
+        row_sum: sums over row shards (see :func:`dsbp_coordinates`).
+    """
+    M = dsbp_coordinates(G, E, side, W=W, scale=scale, residual=residual, rescale=rescale,
+                         max_rescale=max_rescale, row_sum=row_sum)
+    ok = torch.isfinite(M).flatten(-2).all(-1)
+    okv = ok.view(-1, 1, 1) if G.dim() == 3 else ok
+    M = torch.where(okv, M, torch.zeros((), dtype=M.dtype, device=M.device))
+    keep = torch.where(okv, torch.full((), residual, dtype=G.dtype, device=G.device),
+                       torch.ones((), dtype=G.dtype, device=G.device))
+    G.mul_(keep)  # a G where finite, G unchanged where not
+    if side == "output":
+        G.add_(E @ M.to(E.dtype))
+    else:
+        G.add_(M.to(E.dtype) @ E.mT)
+    return ok
+
+
 def dsbp_direction(
     G: torch.Tensor,
     W: torch.Tensor,
@@ -68,8 +190,8 @@ def dsbp_direction(
     beta: float,
     side: str,
 ) -> torch.Tensor:
-    """The full DSBP update direction ``G~ + beta * lam_hat * e1 e1^T W`` (METHOD.md §1)."""
-    out = project(G, E, side)
-    if beta != 0.0:
-        out = out + beta * sharpness_term(W, E[:, 0], lam_hat, side)
+    """The full DSBP update direction ``E E^T G + beta * lam_hat * e1 e1^T W`` (METHOD.md §1),
+    out of place (:func:`dsbp_update_` on a copy)."""
+    out = G.clone()
+    dsbp_update_(out, E, side, W=W, scale=beta * lam_hat)
     return out

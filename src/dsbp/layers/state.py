@@ -1,38 +1,50 @@
-"""Per-layer DSBP state: the tracked basis and its bookkeeping (tensors and plain numbers only)."""
+"""Per-weight DSBP state: the tracked basis and its bookkeeping (tensors and plain numbers only).
+
+The basis belongs to the parameter: a weight used by several modules has one state, whose
+refreshes pool the activation rows of all its uses.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from dsbp.layers.hooks import WeightUse
+
+SAVED_KEYS = ("block", "eigenvalues", "trace", "refreshes", "last_refresh", "rank", "interval",
+              "sharpness")
+
 
 @dataclass(eq=False)
-class LayerState:
-    """Everything DSBP keeps for one layer.
+class ParamState:
+    """Everything DSBP keeps for one projected weight.
 
     Attributes:
-        name: the module's qualified name in the model.
-        module: the Linear / Conv2d itself (not saved in state dicts).
-        index: position among the projector's layers (seeds its private RNG stream).
+        name: the weight's name (its parameter name less ``.weight``, e.g. ``"fc1"``).
+        param: the parameter itself (not saved in state dicts).
+        uses: the modules that use it, each with its adapter (at least one).
+        index: position among the projector's weights (seeds its private RNG stream).
         side: ``"output"`` or ``"input"``.
-        rank: k, the number of eigenvectors the projection keeps.
-        interval: p, steps between refreshes.
-        sharpness: beta, the weight of the sharpness term.
+        rank, interval, sharpness: k, p and beta for this weight.
         block: (d, b) orthonormal Ritz vectors, b = min(d, k + oversample); the first k columns
             are the basis ``E``. None until the first refresh.
         eigenvalues: (b,) Ritz values, descending.
         trace: trace of the activation covariance at the last refresh (0-d tensor).
-        refreshes: number of eigensolves done.
-        last_refresh: step of the last eigensolve (-1: never).
+        refreshes: eigensolves done. last_refresh: step of the last one (-1: never).
         rows: activation rows captured for the pending refresh (transient, never saved).
-        captures: forward passes captured for the pending refresh (seeds row subsampling).
+        captures: forward calls captured for the pending refresh (seeds row subsampling).
         k_active: rank chosen by the energy rule at the last refresh (None: use ``rank``).
+        nonfinite: steps whose gradient was non-finite (left unprojected), a device counter.
     """
 
     name: str
-    module: nn.Module
+    param: nn.Parameter
+    uses: list[WeightUse]
     index: int
     side: str
     rank: int
@@ -46,13 +58,55 @@ class LayerState:
     rows: list[torch.Tensor] = field(default_factory=list)
     captures: int = 0
     k_active: int | None = None
+    nonfinite: torch.Tensor | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The first module that uses this weight."""
+        return self.uses[0].module
+
+    def matrix(self, t: torch.Tensor) -> torch.Tensor:
+        """(d_out, d_in) view of this weight, or of a tensor shaped like it (its gradient)."""
+        u = self.uses[0]
+        return u.adapter.matrix(u.module, u.attr, t)
+
+    def __post_init__(self) -> None:
+        d_out, d_in = self.matrix(torch.empty(self.param.shape, device="meta")).shape
+        self.shape = (int(d_out), int(d_in))  # of the full weight, also when it is sharded
+
+    @property
+    def dim(self) -> int:
+        """Width d of the covariance on this weight's side."""
+        d_out, d_in = self.shape
+        return d_out if self.side == "output" else d_in
+
+    def write_matrix(self, t: torch.Tensor, M: torch.Tensor, copy: bool = False) -> None:
+        """Make ``t`` (this weight's gradient) hold the matrix ``M``: nothing to do when ``M``
+        is already the in-place edited view of ``t`` (``copy=False``), else a copy."""
+        view = self.matrix(t)
+        if view.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            if copy or M.data_ptr() != view.data_ptr():
+                view.copy_(M)
+        else:  # t's layout (channels-last) made the matrix a copy: write back through reshape
+            t.copy_(M.reshape(t.shape))
 
     @property
     def k(self) -> int:
-        """Effective rank: ``rank`` clipped to the block width."""
+        """Effective rank: ``rank`` (or the energy rule's choice) clipped to the block width."""
         assert self.block is not None
         k = self.rank if self.k_active is None else min(self.k_active, self.rank)
         return min(k, self.block.shape[1])
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """E (d, k)."""
+        assert self.block is not None
+        return self.block[:, : self.k]
+
+    def sharpness_scale(self) -> torch.Tensor:
+        """``beta * lambda_1 / trace(C)``, a 0-d tensor (no host sync)."""
+        assert self.eigenvalues is not None and self.trace is not None
+        return self.eigenvalues[0] / self.trace * self.sharpness
 
     def due(self, step: int) -> bool:
         """Whether a refresh is due at ``step`` (first step, then every ``interval`` steps)."""
@@ -71,9 +125,50 @@ class LayerState:
             "k_active": -1 if self.k_active is None else self.k_active,
         }
 
-    def load_dict(self, d: dict) -> None:
-        def clone(t):
-            return None if t is None else t.detach().clone().to(self.module.weight.device)
+    def check_dict(self, d: Mapping[str, Any], block_width: int) -> None:
+        """Raise ``ValueError`` naming this weight if ``d`` cannot be this weight's state."""
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"DSBP state for weight {self.name!r}: {msg}")
+
+        missing = [k for k in SAVED_KEYS if k not in d]
+        if missing:
+            raise bad(f"missing keys {missing}")
+        rank, interval = d["rank"], d["interval"]
+        for key, v in (("rank", rank), ("interval", interval)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise bad(f"{key} must be a positive integer, got {v!r}")
+        if int(rank) != self.rank:
+            raise bad(f"saved with rank {rank}, this optimizer uses rank {self.rank} "
+                      "(configure the same rank, or load into a matching optimizer)")
+        s = float(d["sharpness"])
+        if not (math.isfinite(s) and s >= 0):
+            raise bad(f"sharpness must be finite and >= 0, got {s!r}")
+        block, evals, trace = d["block"], d["eigenvalues"], d["trace"]
+        if block is None:
+            if evals is not None or trace is not None:
+                raise bad("eigenvalues or trace without a basis")
+            return
+        if not isinstance(block, torch.Tensor) or block.dim() != 2:
+            raise bad("block must be a (d, b) tensor")
+        if block.shape[0] != self.dim:
+            raise bad(f"basis has d={block.shape[0]}, this weight's {self.side} side has "
+                      f"d={self.dim} (a different model or side?)")
+        if block.shape[1] > block_width:
+            raise bad(f"basis has {block.shape[1]} columns, at most {block_width} expected "
+                      "(a larger rank or oversample?)")
+        if not isinstance(evals, torch.Tensor) or evals.shape != (block.shape[1],):
+            raise bad("eigenvalues must be a vector with one entry per basis column")
+        if not isinstance(trace, torch.Tensor) or trace.numel() != 1:
+            raise bad("trace must be a scalar tensor")
+        if not (torch.isfinite(block).all() and torch.isfinite(evals).all()
+                and torch.isfinite(trace).all()):
+            raise bad("basis, eigenvalues or trace are not finite")
+        if not float(trace) > 0:
+            raise bad(f"trace must be > 0, got {float(trace)}")
+
+    def load_dict(self, d: Mapping[str, Any]) -> None:
+        def clone(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().clone().to(self.param.device)
 
         self.block, self.eigenvalues, self.trace = (
             clone(d["block"]), clone(d["eigenvalues"]), clone(d["trace"])
@@ -85,3 +180,6 @@ class LayerState:
         ka = int(d.get("k_active", -1))
         self.k_active = None if ka < 0 else ka
         self.rows, self.captures = [], 0
+
+
+LayerState = ParamState  # the name used before the state belonged to the parameter

@@ -5,40 +5,54 @@ schedulers, ``add_param_group`` and per-group settings work on it), and ``step()
 gradients, then steps the base.
 
     opt = DSBP(model, torch.optim.SGD, rank=10, interval=100, lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    print(opt.summary())  # which weights are projected, which skipped and why
     loss.backward(); opt.step(); opt.zero_grad()
 
-Per-group overrides (as in GaLore): a param group may carry ``rank``, ``interval`` and
-``sharpness``; they apply to the layers whose weight is in that group, and are re-read every
-step (a new rank takes effect at the next refresh).
+Every projector option (``exclude``, ``residual``, ``warmup``, ``path``, ...) is accepted as a
+keyword; the rest go to the base optimizer. Per-group overrides (as in GaLore): a param group may
+carry ``rank``, ``interval`` and ``sharpness``; they apply to the weights in that group and are
+re-read every step (a new rank takes effect at the next refresh).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from dsbp.optim.projector import _OVERRIDABLE, SpectralProjector
+from dsbp.optim.projector import OVERRIDABLE, SpectralProjector
+
+PROJECTOR_OPTIONS = frozenset(inspect.signature(SpectralProjector.__init__).parameters) - {
+    "self", "model", "params"}
+
+
+def _needs_closure(base_optimizer: Callable[..., torch.optim.Optimizer]) -> bool:
+    step = getattr(base_optimizer, "step", None)
+    if step is None:
+        return False
+    p = inspect.signature(step).parameters.get("closure")
+    return p is not None and p.default is inspect.Parameter.empty
 
 
 class DSBP(torch.optim.Optimizer):
     """Dynamic Spectral Backpropagation around a base optimizer.
 
-    Subclasses that need another projector (distributed, adaptive, Lie tracking) set the class
-    attribute ``projector_class`` and pass their own settings through ``projector_kwargs``.
-
     Args:
-        model: the network (its Linear / Conv2d layers get the projection).
+        model: the network (every weight a weight adapter handles gets the projection).
         base_optimizer: an optimizer class, e.g. ``torch.optim.SGD`` (default) or ``AdamW``.
+            Optimizers whose ``step`` needs a closure (LBFGS) re-evaluate the loss several times
+            per step, which one projection per step cannot follow: they are refused.
         rank, interval, power_iters, side, sharpness, max_rows, layers: see
             :class:`~dsbp.SpectralProjector` (the paper: k=10, p=100, 5 iterations, beta=0.1).
         params: parameters or param groups for the base optimizer (default:
-            ``model.parameters()``); groups may carry ``rank`` / ``interval`` / ``sharpness``.
-        projector_kwargs: extra keyword arguments for the projector (``oversample``, ``seed``, ...).
-        **base_kwargs: the base optimizer's own arguments (``lr``, ``momentum``, ...).
+            ``model.parameters()``); only these are projected. Groups may carry ``rank`` /
+            ``interval`` / ``sharpness``.
+        projector_kwargs: projector options as a dict (the same as passing them as keywords).
+        **kwargs: projector options (``exclude``, ``skip_first_last``, ``residual``, ``warmup``,
+            ``path``, ``seed``, ...) and the base optimizer's own arguments (``lr``, ...).
     """
 
     projector_class: type[SpectralProjector] = SpectralProjector
@@ -56,42 +70,44 @@ class DSBP(torch.optim.Optimizer):
         layers: Iterable[str] | None = None,
         params: Iterable[Any] | None = None,
         projector_kwargs: dict | None = None,
-        **base_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
         if isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("base_optimizer must be an optimizer class (e.g. torch.optim.SGD), "
                             "not an instance: DSBP constructs it on the model's parameters")
+        if _needs_closure(base_optimizer):
+            raise TypeError(f"{getattr(base_optimizer, '__name__', base_optimizer)} needs a "
+                            "closure that it re-evaluates within one step; DSBP projects once "
+                            "per step and cannot follow it. Use a first-order optimizer.")
+        proj_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in PROJECTOR_OPTIONS}
+        proj_kw.update(projector_kwargs or {})
+        self.base_optimizer = base_optimizer(
+            model.parameters() if params is None else params, **kwargs)
+        owned = [p for g in self.base_optimizer.param_groups for p in g["params"]]
         self.projector = self.projector_class(
             model, rank=rank, interval=interval, power_iters=power_iters, side=side,
-            sharpness=sharpness, max_rows=max_rows, layers=layers, **(projector_kwargs or {}),
-        )
-        self.base_optimizer = base_optimizer(
-            model.parameters() if params is None else params, **base_kwargs
-        )
+            sharpness=sharpness, max_rows=max_rows, layers=layers, params=owned, **proj_kw)
         # torch.optim.Optimizer.__init__ wires hooks and the step patching that LR schedulers
         # rely on; then share the base's groups and state so there is one source of truth.
         super().__init__(self.base_optimizer.param_groups, dict(self.base_optimizer.defaults))
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        self._weight_to_layer = {
-            id(self.projector.layer_state(n).module.weight): n
-            for n in self.projector.layer_names()
-        }
         self._sync_group_overrides()
 
     def _sync_group_overrides(self) -> None:
         for group in self.param_groups:
-            ov = {k: group[k] for k in _OVERRIDABLE if k in group}
+            ov = {k: group[k] for k in OVERRIDABLE if k in group}
             if not ov:
                 continue
             for p in group["params"]:
-                name = self._weight_to_layer.get(id(p))
-                if name is not None:
-                    self.projector.configure(name, **ov)
+                st = self.projector.state_of(p)
+                if st is not None:
+                    self.projector.configure(st.name, **ov)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """Optionally re-evaluate ``closure`` (with grad), project the gradients, step the base."""
+        """Optionally evaluate ``closure`` (with grad) once, project the gradients, step the
+        base."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -112,21 +128,51 @@ class DSBP(torch.optim.Optimizer):
         else:
             super().add_param_group(param_group)
 
+    def summary(self) -> str:
+        """Each weight this optimizer owns: projected (side, rank, interval) or skipped, why."""
+        return self.projector.summary()
+
+    def remove(self) -> None:
+        """Remove the projector's hooks from the model and free captured rows."""
+        self.projector.remove()
+
+    def __deepcopy__(self, memo: dict) -> DSBP:
+        raise TypeError("DSBP is bound to its model by forward hooks and cannot be copied; "
+                        "build a new DSBP on the copied model and load_state_dict()")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("DSBP cannot be pickled (its projector holds hooks on the model); "
+                        "save state_dict() instead")
+
     def state_dict(self) -> dict[str, Any]:
-        """``{"base": base optimizer state, "projector": bases and step}`` (tensors only)."""
-        return {"base": self.base_optimizer.state_dict(), "projector": self.projector.state_dict()}
+        """``{"base": base optimizer state, "projector": bases and step}`` (tensors only).
+        The ``register_state_dict_pre_hook`` / ``post_hook`` hooks run as for any optimizer."""
+        for pre in self._optimizer_state_dict_pre_hooks.values():
+            pre(self)
+        out: dict[str, Any] = {"base": self.base_optimizer.state_dict(),
+                               "projector": self.projector.state_dict()}
+        for post in self._optimizer_state_dict_post_hooks.values():
+            res = post(self, out)
+            out = out if res is None else res
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        for pre in self._optimizer_load_state_dict_pre_hooks.values():
+            res = pre(self, state_dict)
+            state_dict = state_dict if res is None else res
         if set(state_dict) != {"base", "projector"}:
             raise ValueError("not a DSBP state dict: expected keys 'base' and 'projector', got "
                              f"{sorted(state_dict)}")
+        self.projector.load_state_dict(state_dict["projector"])  # validates before any change
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        self.projector.load_state_dict(state_dict["projector"])
+        for post in self._optimizer_load_state_dict_post_hooks.values():
+            post(self)
 
     def __repr__(self) -> str:
         p = self.projector
         return (f"DSBP(base={type(self.base_optimizer).__name__}, rank={p.rank}, "
                 f"interval={p.interval}, side={p.side!r}, sharpness={p.sharpness}, "
-                f"layers={len(p.layer_names())})")
+                f"weights={len(p.layer_names())})")

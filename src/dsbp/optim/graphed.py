@@ -20,39 +20,30 @@ A graph reads and writes fixed addresses, so the graph works on static buffers:
 A graph is built for one *signature*: which layers have gradients, their shapes, sides and
 ranks, and the projector's switches. When it changes (a layer without a gradient, a new k from
 the energy rule) the projector captures a new graph. On a refresh step the eigensolves run
-eagerly first; the replay then picks up the new bases. The arithmetic is
-``SpectralProjector._project_stack_``, shared with the eager stacked path;
-``tests/optim/test_fastpath.py`` checks the replayed result against the reference loop on a
-GPU.
+eagerly first; the replay then picks up the new bases. The arithmetic is the
+projector's ``update_stack_`` (the one update function, shared with the eager stacked path),
+passed in: this module imports nothing from the projector. ``tests/optim/test_fastpath.py``
+checks the replayed result against the reference loop on a GPU.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from dsbp.layers import adapters
+from dsbp.layers.state import ParamState
 
-if TYPE_CHECKING:  # pragma: no cover
-    from dsbp.layers.state import LayerState
-    from dsbp.optim.projector import SpectralProjector
+UpdateStack = Callable[[list[ParamState], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def signature(proj: SpectralProjector, groups: list[list[LayerState]]) -> tuple:
-    """What a captured graph depends on besides the contents of its buffers."""
-    return (proj.residual, proj.rescale, proj.max_rescale,
-            tuple(tuple((st.name, tuple(st.module.weight.shape), st.side, st.k,
-                         st.sharpness != 0.0, st.block.dtype,
-                         st.module.weight.data_ptr())  # a weight moved or replaced: recapture
-                        for st in g) for g in groups))
-
-
-def basis_tags(states: list[LayerState]) -> tuple:
+def basis_tags(states: list[ParamState]) -> tuple:
     """What the static E and s buffers were filled from: the tensors themselves (held, so that
     their memory cannot be reused by a new basis at the same address), their in-place version
     counters, k and beta. Compared with :func:`same_tags`."""
-    return tuple((st.block, st.block._version, st.eigenvalues, st.eigenvalues._version,
+    return tuple((st.block, st.block._version if st.block is not None else None,
+                  st.eigenvalues, st.eigenvalues._version if st.eigenvalues is not None else None,
                   st.trace, st.k, st.sharpness) for st in states)
 
 
@@ -65,55 +56,66 @@ def same_tags(a: tuple, b: tuple) -> bool:
 
 
 class ProjectionGraph:
-    """Static buffers and the captured projection of every group of one signature."""
+    """Static buffers and the captured projection of every group of one signature.
 
-    def __init__(self, proj: SpectralProjector, groups: list[list[LayerState]]) -> None:
-        self.proj, self.groups = proj, groups
-        self.signature = signature(proj, groups)
-        self.G, self.E, self.s = [], [], []
+    Args:
+        groups: lists of same-shaped weights' states.
+        signature: what the capture depends on besides buffer contents (compared by the
+            projector to decide on a new capture).
+        local_basis: ``state -> E`` (the rows this rank holds on a sharded output side).
+        local: ``tensor -> the part this rank holds`` (the identity without sharding).
+        update_stack: the projector's ``update_stack_(states, G, E, s)``.
+    """
+
+    def __init__(self, groups: list[list[ParamState]], signature: Any,
+                 local_basis: Callable[[ParamState], torch.Tensor],
+                 local: Callable[[torch.Tensor], torch.Tensor], update_stack: UpdateStack) -> None:
+        self.groups, self.signature = groups, signature
+        self.local_basis, self.local, self.update_stack = local_basis, local, update_stack
+        self.G: list[torch.Tensor] = []
+        self.E: list[torch.Tensor] = []
+        self.s: list[torch.Tensor] = []
         for sts in groups:
-            st0 = sts[0]
-            shape = adapters.as_matrix(st0.module.weight).shape
-            dt = st0.block.dtype
-            dev = st0.module.weight.device
-            self.G.append(torch.empty(len(sts), *shape, dtype=dt, device=dev))
-            d = shape[0] if st0.side == "output" else shape[1]
-            self.E.append(torch.empty(len(sts), d, st0.k, dtype=dt, device=dev))
-            self.s.append(torch.zeros(len(sts), dtype=dt, device=dev))
-        # per-layer views of the static stacks, in the shape of each layer's gradient
-        self._views = [[G[i].view(st.module.weight.shape) for i, st in enumerate(sts)]
-                       for G, sts in zip(self.G, groups, strict=True)]
-        self._flat_views = [v for vs in self._views for v in vs]
+            E0 = local_basis(sts[0])
+            shape = sts[0].matrix(local(sts[0].param)).shape
+            dev = sts[0].param.device
+            self.G.append(torch.empty(len(sts), *shape, dtype=E0.dtype, device=dev))
+            self.E.append(torch.empty(len(sts), *E0.shape, dtype=E0.dtype, device=dev))
+            self.s.append(torch.zeros(len(sts), dtype=E0.dtype, device=dev))
         self._states = [st for sts in groups for st in sts]
+        self._rows = [G[i] for G, sts in zip(self.G, groups, strict=True) for i in range(len(sts))]
         self._tags: tuple = ()
+        self._oks: list[torch.Tensor] = []
         self.graph: torch.cuda.CUDAGraph | None = None
 
     # ------------------------------------------------------------------ buffers
     def load_bases(self) -> None:
-        """Copy each layer's current basis and sharpness scale into the static buffers (only
+        """Copy each weight's current basis and sharpness scale into the static buffers (only
         when a refresh changed them since the last load)."""
         tags = basis_tags(self._states)
         if same_tags(tags, self._tags):
             return
         for sts, E, s in zip(self.groups, self.E, self.s, strict=True):
-            E.copy_(torch.stack([st.block[:, : st.k] for st in sts]))
-            s.copy_(torch.stack([(st.eigenvalues[0] / st.trace * st.sharpness).to(s.dtype)
-                                 for st in sts]))
+            E.copy_(torch.stack([self.local_basis(st) for st in sts]))
+            s.copy_(torch.stack([st.sharpness_scale().to(s.dtype) for st in sts]))
         self._tags = tags
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [st.module.weight.grad for st in self._states]
+    def _copy_in(self) -> list[torch.Tensor]:
+        grads = [self.local(st.param.grad) for st in self._states]
+        torch._foreach_copy_(self._rows, [st.matrix(g) for st, g in
+                                          zip(self._states, grads, strict=True)])
+        return grads
 
     # ------------------------------------------------------------------ the projection
-    def _body(self) -> None:
+    def _body(self) -> list[torch.Tensor]:
         """The projection of every group on the static buffers, in place into ``G``."""
-        for sts, G, E, s in zip(self.groups, self.G, self.E, self.s, strict=True):
-            self.proj._project_stack_(sts, G, E, s)
+        return [self.update_stack(sts, G, E, s)
+                for sts, G, E, s in zip(self.groups, self.G, self.E, self.s, strict=True)]
 
     def capture(self) -> None:
         """Warm up on a side stream (as ``torch.cuda.graphs`` requires), then capture."""
         self.load_bases()
-        torch._foreach_copy_(self._flat_views, self._grads())
+        self._copy_in()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
@@ -122,13 +124,16 @@ class ProjectionGraph:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.autocast("cuda", enabled=False):
-            self._body()
+            self._oks = self._body()
         self.graph = graph
 
-    def replay(self) -> None:
-        """Project the current gradients: copy in, one graph launch, copy out."""
+    def replay(self) -> list[torch.Tensor]:
+        """Project the current gradients: copy in, one graph launch, copy out. Returns the
+        per-group finiteness flags (static outputs of the graph)."""
+        assert self.graph is not None
         self.load_bases()
-        grads = self._grads()
-        torch._foreach_copy_(self._flat_views, grads)
+        grads = self._copy_in()
         self.graph.replay()
-        torch._foreach_copy_(grads, self._flat_views)
+        for st, g, Gi in zip(self._states, grads, self._rows, strict=True):
+            st.write_matrix(g, Gi, copy=True)
+        return [ok.clone() for ok in self._oks]

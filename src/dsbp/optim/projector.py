@@ -5,95 +5,180 @@ It edits each weight's ``.grad`` in place, so it works with any optimizer (the K
     proj = SpectralProjector(model, rank=10, interval=100)
     loss.backward(); proj.project_(); opt.step()
 
-Per step it costs two thin matrix products per layer, O(k d_out d_in). Every ``interval`` steps
-(a *refresh*), forward hooks capture at most ``max_rows`` activation rows per layer and a
-warm-started block power iteration updates the top-k eigenvectors of the activation
-covariance (METHOD.md §1). Between refreshes the hooks capture nothing.
+What it projects is a *weight*: every parameter that a weight adapter
+(:mod:`dsbp.layers.adapters`) can read as a (d_out, d_in) matrix with activation rows: Linear,
+Conv1d/2d/3d, MultiheadAttention, transformers' Conv1D, and any layer a user registers. The basis
+belongs to the parameter, so a weight shared by several modules has one basis from all their rows.
+
+One step, read top to bottom in :meth:`project_`:
+
+1. capture (forward hooks, :meth:`_capture`): on steps where a weight's refresh is due (or its
+   refresh policy asks), at most ``max_rows`` activation rows per use;
+2. refresh (:meth:`refresh_`): due weights recompute their top eigenvectors from those rows with
+   a warm-started block power iteration (METHOD.md §1; :meth:`_solve` is the one eigensolver);
+3. project: every weight's gradient becomes the DSBP direction through the single update
+   function :func:`dsbp.core.projection.dsbp_update_`, per weight (``path="loop"``), on stacks of
+   same-shaped weights (``"stacked"``) or replayed as one CUDA graph (``"graph"``).
+
+Three small objects change the behaviour without subclassing: a covariance estimator (what the
+eigenvectors are of: the batch's ``A^T A`` by default, an EMA in the adaptive extension), a
+refresh policy (when a weight refreshes and what rows between refreshes do: drift probes, Lie
+tracking), and a communicator (:mod:`dsbp.optim.comm`: sums, broadcasts and weight shards across
+processes).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from dsbp.core.covariance import covariance, gram_matvec, subsample_rows, trace_of_covariance
-from dsbp.core.eigen import block_power_iteration, top_eigh
-from dsbp.core.projection import SIDES, project, sharpness_term
+from dsbp.core.eigen import Matvec, block_power_iteration, top_eigh
+from dsbp.core.projection import SIDES, dsbp_update_
 from dsbp.layers import adapters
-from dsbp.layers.hooks import register_forward_hooks, select_layers
-from dsbp.layers.state import LayerState
-from dsbp.optim.graphed import ProjectionGraph, basis_tags, same_tags, signature
+from dsbp.layers.hooks import (
+    FoundWeight,
+    WeightUse,
+    register_weak_hooks,
+    remove_handles,
+    scan,
+    state_name,
+)
+from dsbp.layers.state import ParamState
+from dsbp.optim.comm import Communicator
+from dsbp.optim.graphed import ProjectionGraph, basis_tags, same_tags
 
-_OVERRIDABLE = ("rank", "interval", "sharpness")
+OVERRIDABLE = ("rank", "interval", "sharpness")
+PATHS = ("auto", "loop", "stacked", "graph")
+LARGE_SKIP_SHARE = 0.1  # warn at construction when skipped weights hold this share of parameters
 
 
-def _check_positive_int(name: str, value) -> int:
+def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
 
 
-def _check_sharpness(value) -> float:
+def _sharpness(value: Any) -> float:
     value = float(value)
-    if not value >= 0.0 or value != value or value == float("inf"):
+    if not value >= 0.0 or value == float("inf"):
         raise ValueError(f"sharpness (beta) must be a finite number >= 0, got {value!r}")
     return value
 
 
+# ---------------------------------------------------------------------- composable pieces
+@dataclass
+class Operator:
+    """The symmetric PSD operator a refresh takes eigenvectors of: ``matvec`` (V -> C V, also
+    on stacks), ``dense`` (the explicit matrix, for an exact solve at small d) and its trace."""
+
+    matvec: Matvec
+    dense: Callable[[], torch.Tensor]
+    trace: torch.Tensor
+
+
+class CovarianceEstimator:
+    """What a refresh's eigenvectors are of. This one: the captured batch's ``C = A^T A``.
+
+    Subclasses (the EMA of :mod:`dsbp.extensions.inference`) override :meth:`operator`;
+    ``batchable = False`` keeps the per-weight refresh for them.
+    """
+
+    batchable = True
+
+    def operator(self, proj: SpectralProjector, st: ParamState, A: torch.Tensor) -> Operator:
+        return Operator(gram_matvec(A), lambda: covariance(A), trace_of_covariance(A))
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+
+class RefreshPolicy:
+    """When a weight refreshes, and what rows captured between refreshes are for.
+
+    This one: a refresh every ``interval`` steps, nothing between. The adaptive extension probes
+    drift between refreshes (and refreshes early); the Lie extension tracks the basis.
+    """
+
+    refresh_without_grad = False  # refresh weights that got no gradient this step (frozen)
+
+    def wants_rows(self, proj: SpectralProjector, st: ParamState) -> bool:
+        """Whether the forward hooks capture ``st``'s rows on this step."""
+        return st.due(proj.step)
+
+    def between_refreshes(self, proj: SpectralProjector, st: ParamState,
+                          A: torch.Tensor) -> bool:
+        """Rows ``A`` captured on a step when ``st`` has a basis and no refresh is due. Return
+        True to refresh now from them."""
+        return False
+
+    def after_refresh(self, proj: SpectralProjector, st: ParamState,
+                      old_block: torch.Tensor | None, early: bool) -> None:
+        """Called after every completed refresh (``early``: requested by
+        :meth:`between_refreshes`)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------- the projector
 class SpectralProjector:
-    """Projects each layer's weight gradient onto the top-k eigenvectors of its activation
-    covariance.
+    """Projects each weight's gradient onto the top-k eigenvectors of its activation covariance.
 
     Args:
-        model: the network; hooks go on its ``nn.Linear`` and ``nn.Conv2d`` layers.
-        rank: k, eigenvectors kept per layer (the paper: 10). Clipped to the layer width d.
+        model: the network; every weight a weight adapter handles is a candidate.
+        rank: k, eigenvectors kept per weight (the paper: 10). Clipped to the width d.
         interval: p, steps between eigen-refreshes (the paper: 100).
         power_iters: block power iterations per refresh, warm-started (the paper: 5).
         side: ``"output"`` (the paper's shapes: covariance of the layer's outputs, ``E E^T G``)
             or ``"input"`` (covariance of its inputs / im2col patches, ``G E E^T``).
         sharpness: beta, the weight of the sharpness term
-            ``beta * (lambda_1 / trace C) * e1 e1^T W`` [ours: normalised eigenvalue];
-            0 disables it.
-        max_rows: at most this many activation rows per layer enter a refresh (subsampled
+            ``beta * (lambda_1 / trace C) * e1 e1^T W`` [ours: normalised eigenvalue]; 0: none.
+        max_rows: at most this many activation rows per weight enter a refresh (subsampled
             without replacement by a private, seeded RNG).
-        layers: module names to act on; ``None`` means every Linear / Conv2d.
-        oversample: extra block columns beyond k; they speed up and stabilise power iteration
-            and are never used in the projection. [ours]
-        exact_threshold: on a layer's first refresh (no basis to warm-start from) the top
-            eigenvectors come from ``torch.linalg.eigh`` of the explicit d x d covariance when
-            d <= this, else from ``cold_iters`` power iterations on a random block. [ours]
+        layers: names of the weights (``"fc1"``, ``"attn.in_proj_weight"``) or modules to
+            project; ``None``: every weight an adapter handles.
+        params: the parameters this projector may touch (an optimizer's); ``None``: all.
+        oversample: extra block columns beyond k, never used in the projection. [ours]
+        exact_threshold: a weight's first refresh uses ``eigh`` of the explicit covariance when
+            d <= this, else ``cold_iters`` power iterations from a random block. [ours]
         cold_iters: power iterations for a cold start with d > exact_threshold.
         seed: seeds the private RNG used for row subsampling and cold starts.
         eig_dtype: precision of the covariance products and eigensolves (METHOD.md: fp32).
-            ``torch.float64`` resolves nearly degenerate spectra at a higher refresh cost.
-        overrides: per-layer ``{name: {"rank": .., "interval": .., "sharpness": ..}}``.
-        residual: alpha in [0, 1], the weight of the complement: ``G~ = P G + alpha (G - P G)``.
-            0 is the paper's DSBP; 1 is the plain gradient (plus the sharpness term). [ours:
-            a damped step outside the subspace, as Fira and Bulk-SGD suggest]
-        rescale: rescale the projected part to the gradient's Frobenius norm,
-            ``P G * ||G|| / ||P G||`` (at most ``max_rescale`` times), so the projection changes
-            the direction of the step but not its length. [ours]
-        max_rescale: cap on that factor (guards layers whose gradient is nearly orthogonal to
-            the subspace).
-        warmup: steps at the start with unprojected gradients (bases still refresh on schedule,
-            so they are warm when projection starts). [ours]
-        energy: adaptive rank: at each refresh a layer keeps the smallest r <= rank whose top-r
-            eigenvalues hold this fraction of ``trace(C)`` (None: always ``rank``). [ours]
-        exclude: module names to leave out (e.g. the stem and the classifier).
-        skip_first_last: leave out the first and the last supported layer (in module order).
-        cuda_graph: on a GPU, capture the projection of a step once as a CUDA graph and
-            replay it (one launch instead of ~6 per group of layers; see
-            :mod:`dsbp.optim.graphed`). It is captured again when the layers, shapes, ranks or
-            weight storage change, and skipped where the caller is capturing a graph itself.
-            [ours]
+        overrides: per-weight ``{name: {"rank": .., "interval": .., "sharpness": ..}}``.
+        residual: alpha in [0, 1], the weight kept on the plain gradient,
+            ``G~ = P G + alpha (G - P G)``. [ours]
+        rescale: rescale the projected part to the gradient's norm (at most ``max_rescale``
+            times). [ours]
+        warmup: steps at the start with unprojected gradients (bases refresh on schedule). [ours]
+        energy: adaptive rank: keep the smallest r <= rank whose eigenvalues hold this fraction
+            of ``trace(C)`` (None: always ``rank``). [ours]
+        exclude: weight or module names to leave out (e.g. the stem and the classifier).
+        skip_first_last: leave out the first and the last projected weight (in model order).
+        path: how a step's projections run, all through the same update function: ``"loop"``
+            (one weight at a time: the CPU default and the reference), ``"stacked"`` (same-shaped
+            weights in batched products, and batched warm refreshes), ``"graph"`` (stacked, and
+            replayed as one CUDA graph: the CUDA default), or ``"auto"``.
+        estimator, policy, comm: the covariance estimator, refresh policy and communicator
+            (module docstring); defaults: batch covariance, fixed interval, one process.
 
     Raises:
-        ValueError: rank/interval/power_iters/max_rows not positive, an unknown side, a
-            negative sharpness, a model without supported layers, or an unknown layer name.
+        ValueError / TypeError: bad settings, unknown or unprojectable layer names, a model with
+            nothing to project, sharded parameters without a distributed communicator.
     """
+
+    MAX_GRAPH_BUILDS = 8  # a signature that keeps changing: stop capturing, stay on "stacked"
 
     def __init__(
         self,
@@ -106,6 +191,7 @@ class SpectralProjector:
         max_rows: int = 8192,
         layers: Iterable[str] | None = None,
         *,
+        params: Iterable[torch.Tensor] | None = None,
         oversample: int = 8,
         exact_threshold: int = 2048,
         cold_iters: int = 30,
@@ -119,556 +205,600 @@ class SpectralProjector:
         energy: float | None = None,
         exclude: Iterable[str] | None = None,
         skip_first_last: bool = False,
-        cuda_graph: bool = True,
+        path: str = "auto",
+        estimator: CovarianceEstimator | None = None,
+        policy: RefreshPolicy | None = None,
+        comm: Communicator | None = None,
     ) -> None:
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-        self.rank = _check_positive_int("rank", rank)
-        self.interval = _check_positive_int("interval", interval)
-        self.power_iters = _check_positive_int("power_iters", power_iters)
-        self.max_rows = _check_positive_int("max_rows", max_rows)
-        self.cold_iters = _check_positive_int("cold_iters", cold_iters)
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.rank = _positive_int("rank", rank)
+        self.interval = _positive_int("interval", interval)
+        self.power_iters = _positive_int("power_iters", power_iters)
+        self.cold_iters = _positive_int("cold_iters", cold_iters)
+        self.max_rows = _positive_int("max_rows", max_rows)
         if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
             raise ValueError(f"oversample must be an integer >= 0, got {oversample!r}")
-        self.oversample, self.exact_threshold = oversample, int(exact_threshold)
-        self.sharpness = _check_sharpness(sharpness)
-        self.side, self.seed, self.model = side, int(seed), model
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
         if eig_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"eig_dtype must be torch.float32 or torch.float64, got {eig_dtype}")
-        self.eig_dtype = eig_dtype
         if not 0.0 <= float(residual) <= 1.0:
             raise ValueError(f"residual (alpha) must be in [0, 1], got {residual!r}")
         if not float(max_rescale) >= 1.0:
             raise ValueError(f"max_rescale must be >= 1, got {max_rescale!r}")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {warmup!r}")
         if energy is not None and not 0.0 < float(energy) <= 1.0:
             raise ValueError(f"energy must be in (0, 1] or None, got {energy!r}")
-        self.residual, self.rescale, self.max_rescale = float(residual), bool(rescale), float(
-            max_rescale)
-        self.warmup = warmup
+        self.sharpness = _sharpness(sharpness)
+        self.side, self.seed, self.model, self.path = side, int(seed), model, path
+        self.oversample, self.exact_threshold = oversample, int(exact_threshold)
+        self.eig_dtype, self.warmup = eig_dtype, warmup
+        self.residual, self.rescale = float(residual), bool(rescale)
+        self.max_rescale = float(max_rescale)
         self.energy = None if energy is None else float(energy)
-        self.cuda_graph = bool(cuda_graph)
+        self.estimator = estimator or CovarianceEstimator()
+        self.policy = policy or RefreshPolicy()
+        self.comm = comm or Communicator()
+        self.step = 0
         self._graph: ProjectionGraph | None = None
         self._graph_builds = 0
-        self.step = 0
+        self._warned: set[tuple[str, str]] = set()
+        self._stack_cache: dict[tuple, tuple] = {}
 
-        self._layers: dict[str, LayerState] = {}
-        chosen = select_layers(model, layers)
-        excluded = set(exclude or ())
-        unknown = excluded - {n for n, _ in select_layers(model, None)}
-        if unknown:
-            raise ValueError(f"exclude names {sorted(unknown)}, which are not Linear/Conv2d "
-                             "layers of the model")
-        if skip_first_last:
-            excluded |= {chosen[0][0], chosen[-1][0]}
-        chosen = [(n, m) for n, m in chosen if n not in excluded]
+        found = scan(model, side)
+        owned = None if params is None else {id(p) for p in params}
+        if owned is not None:
+            found = [f for f in found if id(f.param) in owned]
+        self.comm.check_params(f.param for f in found)
+        self.skipped: dict[str, str] = {}
+        chosen = self._choose(found, layers, exclude, skip_first_last)
         if not chosen:
-            raise ValueError("every supported layer is excluded: DSBP has nothing to project")
-        for i, (name, module) in enumerate(chosen):
-            adapters.check_module(module, side, name)
-            self._layers[name] = LayerState(
-                name=name, module=module, index=i, side=side,
-                rank=self.rank, interval=self.interval, sharpness=self.sharpness,
-            )
-        self._by_module = {id(s.module): s for s in self._layers.values()}
+            raise ValueError(f"{type(model).__name__} has no weight DSBP can project"
+                             + (f" (skipped: {self.skipped})" if self.skipped else ""))
+        self._states: dict[str, ParamState] = {}
+        for i, f in enumerate(chosen):
+            self._states[f.name] = ParamState(
+                name=f.name, param=f.param, uses=f.uses, index=i, side=side, rank=self.rank,
+                interval=self.interval, sharpness=self.sharpness)
+        self._by_param = {id(s.param): s for s in self._states.values()}
         for name, ov in (overrides or {}).items():
             self.configure(name, **ov)
-        self._handles = register_forward_hooks(
-            [s.module for s in self._layers.values()], self._capture
-        )
+        self._warn_large_skips(found)
+        self._uses_by_module: dict[int, list[tuple[ParamState, WeightUse]]] = {}
+        for st in self._states.values():
+            for use in st.uses:
+                self._uses_by_module.setdefault(id(use.module), []).append((st, use))
+        modules = {id(u.module): u.module for st in self._states.values() for u in st.uses}
+        self._handles = register_weak_hooks(self, "_capture", list(modules.items()))
 
-    # ------------------------------------------------------------------ configuration
-    def configure(self, name: str, **settings) -> None:
-        """Override ``rank``, ``interval`` and/or ``sharpness`` for one layer (by module name).
+    # ------------------------------------------------------------------ which weights
+    def _choose(self, found: list[FoundWeight], layers: Iterable[str] | None,
+                exclude: Iterable[str] | None, skip_first_last: bool) -> list[FoundWeight]:
+        """The weights to project; every other owned weight goes to ``self.skipped``."""
+        def names_of(f: FoundWeight) -> set[str]:  # the weight's own name and its modules'
+            return {f.name} | {u.module_name for u in f.uses} | {
+                state_name(f"{u.module_name}.{u.attr}") for u in f.uses}
 
-        A new rank takes effect at that layer's next refresh.
-        """
+        known = set().union(*(names_of(f) for f in found)) if found else set()
+        for label, names in (("layers", layers), ("exclude", exclude)):
+            unknown = sorted(set(names or ()) - known)
+            if unknown:
+                hint = ", ".join(f.name for f in found if f.uses and f.reason is None)
+                raise ValueError(f"{label} names {unknown}, which are not weights or layers of "
+                                 f"the model; projectable weights: {hint[:400]}")
+        if layers is not None:
+            wanted = set(layers)
+            if not wanted:
+                raise ValueError("layers=[] selects nothing; pass None to project every weight")
+            for f in found:
+                if names_of(f) & wanted and f.reason is not None:
+                    raise ValueError(f"layers names {f.name!r}, which cannot be projected: "
+                                     f"{f.reason}")
+        candidates = []
+        for f in found:
+            if f.reason is not None:
+                self.skipped[f.name] = f.reason
+            elif layers is not None and not names_of(f) & set(layers):
+                self.skipped[f.name] = "not in layers="
+            elif names_of(f) & set(exclude or ()):
+                self.skipped[f.name] = "excluded (exclude=)"
+            else:
+                candidates.append(f)
+        if skip_first_last and candidates:
+            for f in {id(candidates[0]): candidates[0], id(candidates[-1]): candidates[-1]}.values():
+                self.skipped[f.name] = "first or last weight (skip_first_last=True)"
+            candidates = candidates[1:-1]
+        return candidates
+
+    def _warn_large_skips(self, found: list[FoundWeight]) -> None:
+        chosen = set(self._states)
+        deliberate = ("not in layers=", "excluded (exclude=)", "first or last")
+        total = sum(f.param.numel() for f in found) or 1
+        big = [(f.name, f.param.numel() / total) for f in found if f.name not in chosen
+               and f.param.dim() >= 2 and not self.skipped[f.name].startswith(deliberate)
+               and f.param.numel() / total >= LARGE_SKIP_SHARE]
+        for name, share in big:
+            warnings.warn(f"DSBP leaves weight {name!r} ({share:.0%} of the parameters) "
+                          f"unprojected: {self.skipped[name]}", UserWarning, stacklevel=4)
+
+    def summary(self) -> str:
+        """One line per weight the projector was given: projected (side, rank, interval) or
+        skipped with the reason."""
+        lines = []
+        for st in self._states.values():
+            d_out, d_in = st.shape
+            uses = ", ".join(f"{u.module_name or '<root>'}:{type(u.module).__name__}"
+                             for u in st.uses)
+            lines.append(f"{st.name:<40} projected  {st.side} side, rank {st.rank}, interval "
+                         f"{st.interval}, sharpness {st.sharpness:g}, ({d_out} x {d_in}) [{uses}]")
+        for name, why in self.skipped.items():
+            lines.append(f"{name:<40} skipped    {why}")
+        return "\n".join(lines)
+
+    def configure(self, name: str, **settings: Any) -> None:
+        """Override ``rank``, ``interval`` and/or ``sharpness`` for one weight (by name).
+        A new rank takes effect at that weight's next refresh."""
         st = self._state(name)
-        unknown = set(settings) - set(_OVERRIDABLE)
+        unknown = set(settings) - set(OVERRIDABLE)
         if unknown:
-            raise ValueError(f"unknown per-layer setting(s) {sorted(unknown)}; "
-                             f"allowed: {_OVERRIDABLE}")
+            raise ValueError(f"unknown per-weight setting(s) {sorted(unknown)}; "
+                             f"allowed: {OVERRIDABLE}")
         if "rank" in settings:
-            st.rank = _check_positive_int("rank", settings["rank"])
+            st.rank = _positive_int("rank", settings["rank"])
         if "interval" in settings:
-            st.interval = _check_positive_int("interval", settings["interval"])
+            st.interval = _positive_int("interval", settings["interval"])
         if "sharpness" in settings:
-            st.sharpness = _check_sharpness(settings["sharpness"])
+            st.sharpness = _sharpness(settings["sharpness"])
 
+    # ------------------------------------------------------------------ read access
     def layer_names(self) -> list[str]:
-        """Names of the modules DSBP acts on, in model order."""
-        return list(self._layers)
+        """Names of the projected weights, in model order."""
+        return list(self._states)
 
-    def layer_state(self, module_or_name: nn.Module | str) -> LayerState:
-        """The :class:`LayerState` of one layer (for diagnostics and extensions)."""
-        return self._state(module_or_name)
+    def states(self) -> list[ParamState]:
+        """The :class:`ParamState` of every projected weight, in model order."""
+        return list(self._states.values())
 
-    def basis(self, module_or_name: nn.Module | str) -> torch.Tensor:
-        """The layer's basis ``E`` (d, k): top-k eigenvectors of its activation covariance."""
-        st = self._state(module_or_name)
+    def layer_state(self, key: nn.Module | torch.Tensor | str) -> ParamState:
+        """The :class:`ParamState` of one weight: by name, parameter, or a module with one
+        projected weight."""
+        return self._state(key)
+
+    def state_of(self, param: torch.Tensor) -> ParamState | None:
+        """The state of parameter ``param`` (None: not projected)."""
+        return self._by_param.get(id(param))
+
+    def basis(self, key: nn.Module | torch.Tensor | str) -> torch.Tensor:
+        """The weight's basis ``E`` (d, k): top-k eigenvectors of its activation covariance."""
+        st = self._state(key)
         if st.block is None:
-            raise RuntimeError(f"layer {st.name!r} has no basis yet: no refresh has run")
-        return st.block[:, : st.k]
+            raise RuntimeError(f"weight {st.name!r} has no basis yet: no refresh has run")
+        return st.basis
 
-    def eigenvalues(self, module_or_name: nn.Module | str) -> torch.Tensor:
-        """The layer's top-k eigenvalues (k,), descending (of ``C = A^T A`` on captured rows)."""
-        st = self._state(module_or_name)
+    def eigenvalues(self, key: nn.Module | torch.Tensor | str) -> torch.Tensor:
+        """The weight's top-k eigenvalues (k,), descending (of ``C`` on captured rows)."""
+        st = self._state(key)
         if st.eigenvalues is None:
-            raise RuntimeError(f"layer {st.name!r} has no eigenvalues yet: no refresh has run")
+            raise RuntimeError(f"weight {st.name!r} has no eigenvalues yet: no refresh has run")
         return st.eigenvalues[: st.k]
 
-    def num_refreshes(self, module_or_name: nn.Module | str | None = None) -> int:
-        """Eigensolves done for one layer, or summed over all layers."""
-        if module_or_name is None:
-            return sum(s.refreshes for s in self._layers.values())
-        return self._state(module_or_name).refreshes
+    def num_refreshes(self, key: nn.Module | torch.Tensor | str | None = None) -> int:
+        """Eigensolves done for one weight, or summed over all."""
+        if key is None:
+            return sum(s.refreshes for s in self._states.values())
+        return self._state(key).refreshes
 
     def refresh_due(self) -> bool:
-        """Whether any layer refreshes on the current step (its activations are being captured)."""
-        return any(s.due(self.step) for s in self._layers.values())
+        """Whether any weight captures activations on the current step."""
+        return any(self.policy.wants_rows(self, s) for s in self._states.values())
 
-    def _state(self, key: nn.Module | str) -> LayerState:
+    def _state(self, key: nn.Module | torch.Tensor | str) -> ParamState:
         if isinstance(key, str):
-            if key not in self._layers:
-                raise KeyError(f"{key!r} is not one of the projector's layers: "
-                               f"{list(self._layers)}")
-            return self._layers[key]
-        st = self._by_module.get(id(key))
-        if st is None:
-            raise KeyError(f"{type(key).__name__} module is not one of the projector's layers")
-        return st
+            if key in self._states:
+                return self._states[key]
+            hits = [s for s in self._states.values() if any(u.module_name == key for u in s.uses)]
+        elif isinstance(key, torch.Tensor):
+            st = self._by_param.get(id(key))
+            hits = [] if st is None else [st]
+        else:
+            hits = [s for s in self._states.values() if any(u.module is key for u in s.uses)]
+        if len(hits) == 1:
+            return hits[0]
+        label = key if isinstance(key, str) else type(key).__name__
+        if len(hits) > 1:
+            raise KeyError(f"{label!r} has several projected weights "
+                           f"{[s.name for s in hits]}: name one")
+        raise KeyError(f"{label!r} is not one of the projected weights: {list(self._states)}")
 
-    # ------------------------------------------------------------------ hooks
-    def _generator(self, st: LayerState, salt: int) -> torch.Generator:
+    # ------------------------------------------------------------------ lifecycle
+    def remove(self) -> None:
+        """Remove every forward hook and free captured rows (the projector stops capturing)."""
+        remove_handles(self._handles)
+        self._handles = []
+        for st in self._states.values():
+            st.rows, st.captures = [], 0
+
+    def __deepcopy__(self, memo: dict) -> SpectralProjector:
+        raise TypeError("a SpectralProjector is bound to its model by forward hooks and cannot "
+                        "be copied; build a new one on the copied model and load_state_dict()")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a SpectralProjector cannot be pickled (it holds hooks on its model); "
+                        "save state_dict() instead")
+
+    # ------------------------------------------------------------------ 1. capture
+    def _generator(self, st: ParamState, salt: int) -> torch.Generator:
         g = torch.Generator()
         g.manual_seed((self.seed * 1_000_003 + self.step * 7919 + st.index * 104_729 + salt)
                       % (2**62))
         return g
 
-    def _wants_rows(self, st: LayerState) -> bool:
-        """Whether the forward hook captures ``st``'s activations on this step: on refresh
-        steps here; subclasses that also read rows between refreshes (probes, basis tracking)
-        widen it."""
-        return st.due(self.step)
-
-    def _capture(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def _capture(self, key: int, module: nn.Module, args: tuple, kwargs: dict,
+                 output: Any) -> None:
+        """Forward hook: rows of each weight this module uses, when their policy wants them."""
         if not (module.training and torch.is_grad_enabled()):
             return
-        st = self._by_module[id(module)]
-        if not self._wants_rows(st):
+        for st, use in self._uses_by_module.get(key, ()):
+            if not self.policy.wants_rows(self, st):
+                continue
+            gen = self._generator(st, 1 + st.captures)
+            budget = self.comm.row_budget(self.max_rows)
+            A = use.adapter.rows(module, use.attr, args, kwargs, output, st.side, budget, gen)
+            if A is None:
+                continue
+            st.rows.append(A)
+            st.captures += 1
+            if sum(r.shape[0] for r in st.rows) > 2 * budget:  # gradient accumulation
+                st.rows = [subsample_rows(torch.cat(st.rows), budget, gen)]
+
+    # ------------------------------------------------------------------ 2. refresh
+    def _warn(self, st: ParamState, key: str, msg: str) -> None:
+        """Warn once per weight and condition, until a refresh succeeds again."""
+        if (st.name, key) in self._warned:
             return
-        gen = self._generator(st, 1 + st.captures)
-        st.rows.append(adapters.rows(module, inputs[0], output, st.side, self.max_rows, gen))
-        st.captures += 1
-        if sum(r.shape[0] for r in st.rows) > 2 * self.max_rows:  # gradient accumulation
-            st.rows = [subsample_rows(torch.cat(st.rows), self.max_rows, gen)]
+        self._warned.add((st.name, key))
+        warnings.warn(f"DSBP weight {st.name!r}, step {self.step}: {msg}", RuntimeWarning,
+                      stacklevel=4)
 
-    def remove(self) -> None:
-        """Remove the forward hooks (the projector stops capturing activations)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    # ------------------------------------------------------------------ refresh
-    def _warn(self, st: LayerState, msg: str) -> None:
-        warnings.warn(f"DSBP layer {st.name!r}, step {self.step}: {msg}", RuntimeWarning,
-                      stacklevel=3)
-
-    def _eigensolve(self, st: LayerState, A: torch.Tensor, b: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-b eigenpairs of ``A^T A``: warm-started power iteration, exact/cold on first use."""
-        if st.block is not None and st.block.shape == (A.shape[1], b):
-            return block_power_iteration(gram_matvec(A), st.block, self.power_iters)
-        if A.shape[1] <= self.exact_threshold:
-            return top_eigh(covariance(A), b)
-        V0 = torch.randn(A.shape[1], b, generator=self._generator(st, 0), dtype=A.dtype)
-        V0 = V0.to(A.device)
-        return block_power_iteration(gram_matvec(A), V0, self.cold_iters)
-
-    def _refresh(self, st: LayerState, grad: torch.Tensor | None) -> None:
-        """Recompute one layer's basis from its captured rows (or keep it, with a warning).
-
-        Three steps a subclass can override one at a time: :meth:`_checked_trace` (is this
-        refresh healthy? the distributed projector agrees on it across ranks),
-        :meth:`_eigensolve`, and :meth:`_commit` (the bookkeeping, shared by all).
-        """
+    def _take_rows(self, st: ParamState) -> torch.Tensor:
+        """The captured rows as one (n, d) matrix in ``eig_dtype`` (subsampled to the budget)."""
         rows, st.rows, st.captures = st.rows, [], 0
-        dev = st.module.weight.device
-        with torch.autocast(device_type=dev.type, enabled=False):
-            if rows:
-                A = torch.cat(rows).to(self.eig_dtype)
-                A = subsample_rows(A, self.max_rows, self._generator(st, 0))
+        if not rows:
+            return torch.zeros(0, st.dim, dtype=self.eig_dtype, device=st.param.device)
+        A = torch.cat(rows).to(self.eig_dtype)
+        return subsample_rows(A, self.comm.row_budget(self.max_rows), self._generator(st, 0))
+
+    def _health(self, items: list[tuple[ParamState, torch.Tensor, torch.Tensor | None]]
+                ) -> list[bool]:
+        """Whether each refresh may go ahead: one host synchronisation (and one collective)
+        for all of them. Per item the counts (no rows, non-finite activations, non-finite
+        gradient) and the trace, summed over ranks so that every rank takes the same branch."""
+        dev = items[0][1].device
+        dt = torch.float32 if dev.type == "mps" else torch.float64
+        counts = []
+        for _, A, g in items:
+            bad_g = (torch.zeros((), device=dev) if g is None
+                     else (~torch.isfinite(self.comm.local(g))).sum().to(dev))
+            counts.append(torch.stack([
+                torch.tensor(float(A.shape[0] == 0), device=dev, dtype=dt),
+                (~torch.isfinite(A)).sum().to(dt), bad_g.to(dt),
+                trace_of_covariance(A).to(dt)]))
+        table = self.comm.all_reduce_sum(torch.stack(counts)).tolist()
+        ok = []
+        for (st, _, _), (missing, bad_a, bad_g, tr) in zip(items, table, strict=True):
+            if missing > 0:
+                self._warn(st, "no-rows", "refresh due but no activations were captured (was "
+                           "the forward pass run in train mode with grad enabled?); keeping the "
+                           "old basis")
+            elif bad_a > 0:
+                self._warn(st, "bad-rows", "non-finite activations; refresh skipped, old basis "
+                           "kept")
+            elif bad_g > 0:
+                self._warn(st, "bad-grad", "non-finite gradient; refresh skipped, old basis kept")
+            elif not tr > 0:
+                self._warn(st, "zero-rows", "all captured activations are zero (or their sum "
+                           "of squares overflows); refresh skipped")
             else:
-                d = adapters.dim(st.module, st.side)
-                A = torch.zeros(0, d, dtype=self.eig_dtype, device=dev)
-            tr = self._checked_trace(st, A, grad)
-            if tr is None:
-                return
-            evals, V = self._eigensolve(st, A, self._block_width(st, A.shape[1]))
-        self._commit(st, V, evals, tr)
+                ok.append(True)
+                continue
+            ok.append(False)
+        return ok
 
-    def _refresh_due(self, due: list[tuple[LayerState, torch.Tensor]]) -> None:
-        """Refresh every due layer: warm-started layers of equal shapes in one batched power
-        iteration where that applies (:meth:`_refresh_batched`), the others one by one."""
-        if not self._batch_refresh_applies(due[0][1]):
-            for st, g in due:
-                self._refresh(st, g)
-            return
-        warm, rest = [], []
-        for st, g in due:
-            d = adapters.dim(st.module, st.side)
-            ok = st.rows and st.block is not None and st.block.shape == (
-                d, self._block_width(st, d))
-            (warm if ok else rest).append((st, g))
-        for st, g in rest:  # cold starts (exact eigh) and refreshes without rows: as before
-            self._refresh(st, g)
-        if warm:
-            self._refresh_batched(warm)
-
-    def _block_width(self, st: LayerState, d: int) -> int:
+    def _block_width(self, st: ParamState) -> int:
         """Columns of the power-iteration block: k plus the oversampling, at most d."""
+        d = st.dim
         return min(d, min(st.rank, d) + self.oversample)
 
-    def _batch_refresh_applies(self, g: torch.Tensor) -> bool:
-        """Batched refreshes on a GPU (per-layer work there is kernel launches and host syncs),
-        not on a CPU unless forced (``projector._batch_refresh = True``, as the tests do), and
-        only where a subclass has not changed how one layer refreshes. [ours]"""
-        base = SpectralProjector
-        cls = type(self)
-        if (cls._refresh is not base._refresh or cls._eigensolve is not base._eigensolve
-                or cls._checked_trace is not base._checked_trace):
-            return False
-        return getattr(self, "_batch_refresh", g.device.type == "cuda")
+    def _warm(self, st: ParamState) -> bool:
+        return st.block is not None and tuple(st.block.shape) == (st.dim, self._block_width(st))
 
-    def _refresh_batched(self, warm: list[tuple[LayerState, torch.Tensor]]) -> None:
-        """Warm-started refreshes of many layers with one host synchronisation for all their
-        health checks, and one block power iteration per group of equal shapes (a (B, n, d)
-        stack of captured rows); the same arithmetic as :meth:`_refresh` per layer. [ours]"""
-        dev = warm[0][0].module.weight.device
-        with torch.autocast(device_type=dev.type, enabled=False):
-            As, trs, flags = [], [], []
-            for st, g in warm:
-                rows, st.rows, st.captures = st.rows, [], 0
-                A = subsample_rows(torch.cat(rows).to(self.eig_dtype), self.max_rows,
-                                   self._generator(st, 0))
-                tr = trace_of_covariance(A)
-                As.append(A)
-                trs.append(tr)
-                flags += self._health_flags(A, tr, g)
-            flags = torch.stack(flags).view(len(warm), 4).tolist()  # the one sync
-            groups: dict[tuple, list[int]] = {}
-            for i, ((st, _), f) in enumerate(zip(warm, flags, strict=True)):
-                if self._healthy(st, f):
-                    key = (tuple(As[i].shape), tuple(st.block.shape), st.block.dtype)
-                    groups.setdefault(key, []).append(i)
-            for idx in groups.values():
-                A = torch.stack([As[i] for i in idx])
-                V0 = torch.stack([warm[i][0].block.to(A.dtype) for i in idx])
-                evals, V = block_power_iteration(gram_matvec(A), V0, self.power_iters)
-                for j, i in enumerate(idx):
-                    self._commit(warm[i][0], V[j], evals[j], trs[i])
+    def _distributed(self, op: Operator) -> Operator:
+        """The global operator: each rank's products summed (``C = sum_r A_r^T A_r``)."""
+        comm = self.comm
+        return Operator(lambda V: comm.all_reduce_sum(op.matvec(V)),
+                        lambda: comm.all_reduce_sum(op.dense()), op.trace)
 
-    @torch.no_grad()
-    def refresh_now(self) -> None:
-        """Refresh every layer that has captured rows, from those rows, without projecting.
+    def _solve(self, sts: list[ParamState], op: Operator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top eigenpairs: warm-started power iteration from the current blocks (also for a
+        stack of same-shaped weights), else an exact ``eigh`` when d is small, else a seeded
+        cold start. The one eigensolver of the project."""
+        st = sts[0]
+        if self._warm(st):
+            V0 = torch.stack([s.block for s in sts]) if len(sts) > 1 else st.block
+            return block_power_iteration(op.matvec, V0.to(self.eig_dtype), self.power_iters)
+        b = self._block_width(st)
+        if st.dim <= self.exact_threshold:
+            return top_eigh(op.dense(), b)
+        V0 = torch.randn(st.dim, b, generator=self._generator(st, 0), dtype=self.eig_dtype)
+        return block_power_iteration(op.matvec, V0.to(st.param.device), self.cold_iters)
 
-        For computing bases outside a training step (e.g. source bases for transfer, or bases
-        of a trained model): run forward passes in train mode while a refresh is due (a new
-        projector is due at once), then call this. The step counter does not move.
-        """
-        for st in self._layers.values():
-            if st.rows:
-                self._refresh(st, st.module.weight.grad)
-
-    def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor | None
-                       ) -> torch.Tensor | None:
-        """``trace(A^T A)`` if the refresh may go ahead, else None after a warning naming why."""
-        if A.shape[0] == 0:
-            self._warn(st, "refresh due but no activations were captured (was the "
-                       "forward pass run in train mode with grad enabled?); keeping the old basis")
-            return None
-        # One host synchronisation for all the checks (each bool() on a GPU tensor waits for
-        # the device; three per layer and refresh made a ResNet-18 refresh several ms slower).
-        tr = trace_of_covariance(A)
-        return tr if self._healthy(st, torch.stack(self._health_flags(A, tr, grad)).tolist()) \
-            else None
-
-    @staticmethod
-    def _health_flags(A: torch.Tensor, tr: torch.Tensor, grad: torch.Tensor | None
-                      ) -> list[torch.Tensor]:
-        """0-d bool tensors, no host sync: finite activations, finite gradient, finite and
-        positive trace (read together by :meth:`_healthy`)."""
-        fin_g = (torch.ones((), dtype=torch.bool, device=A.device) if grad is None
-                 else torch.isfinite(grad).all().to(A.device))
-        return [torch.isfinite(A).all(), fin_g, torch.isfinite(tr), tr > 0]
-
-    def _healthy(self, st: LayerState, flags: list[bool]) -> bool:
-        """Whether a refresh may go ahead, from :meth:`_health_flags` read on the host; warns
-        with the reason otherwise (the old basis is kept)."""
-        fin_a, fin_g, fin_tr, positive = flags
-        if not fin_a:
-            self._warn(st, "non-finite activations; refresh skipped, old basis kept")
-        elif not fin_g:
-            self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
-        elif not (fin_tr and positive):
-            msg = ("all captured activations are zero" if fin_tr
-                   else "the activations' sum of squares overflows")
-            self._warn(st, f"{msg}; refresh skipped")
-        else:
-            return True
-        return False
-
-    def _commit(self, st: LayerState, V: torch.Tensor, evals: torch.Tensor, tr: torch.Tensor
-                ) -> None:
-        """Store a new basis and do the per-refresh bookkeeping (energy rank, counters)."""
-        st.block, st.eigenvalues, st.trace = V, evals, tr
+    def _commit(self, st: ParamState, V: torch.Tensor, evals: torch.Tensor,
+                trace: torch.Tensor, early: bool = False) -> None:
+        """Store a new basis (rank 0's, bit-identical everywhere) and do the bookkeeping."""
+        old = st.block
+        V, evals = self.comm.broadcast_(V.contiguous()), self.comm.broadcast_(evals.contiguous())
+        st.block, st.eigenvalues, st.trace = V, evals, trace
         if self.energy is not None:
-            frac = torch.cumsum(evals.clamp(min=0), 0) / tr
+            frac = torch.cumsum(evals.clamp(min=0), 0) / trace
             r = int(torch.searchsorted(frac, frac.new_tensor(self.energy - 1e-12)).item()) + 1
             st.k_active = max(1, min(r, st.rank, V.shape[1]))
         st.refreshes += 1
         st.last_refresh = self.step
+        self._warned = {w for w in self._warned if w[0] != st.name}
+        self.policy.after_refresh(self, st, old, early)
 
-    # ------------------------------------------------------------------ the projection
-    @torch.no_grad()
-    def project_(self) -> None:
-        """Project every layer's weight gradient in place and advance the step counter.
+    def set_basis(self, st: ParamState, V: torch.Tensor, evals: torch.Tensor,
+                  trace: torch.Tensor) -> None:
+        """Replace a weight's basis between refreshes (Lie tracking); not counted as a refresh."""
+        st.block, st.eigenvalues, st.trace = V, evals, trace
 
-        ``G <- E E^T G + beta * lam_hat * e1 e1^T W`` (output side) or
-        ``G <- G E E^T + beta * lam_hat * W e1 e1^T`` (input side), with
-        ``lam_hat = lambda_1 / trace(C)``. On a refresh step the basis is recomputed first.
-        Layers without a basis yet are left untouched; layers without a gradient are skipped
-        (their refresh, if due, waits for a step that has one).
+    def _refresh_one(self, st: ParamState, A: torch.Tensor, early: bool = False) -> None:
+        with torch.autocast(device_type=A.device.type, enabled=False):
+            if not self._health([(st, A, st.param.grad)])[0]:
+                return
+            op = self._distributed(self.estimator.operator(self, st, A))
+            evals, V = self._solve([st], op)
+            self._commit(st, V, evals, self.comm.all_reduce_sum(op.trace.clone()), early)
 
-        With mixed precision, call it on *unscaled* gradients (``scaler.unscale_(opt)`` first):
-        the sharpness term is not scaled by the loss scale.
+    def _refresh_stacked(self, items: list[tuple[ParamState, torch.Tensor]]) -> None:
+        """Warm refreshes of many weights: one host synchronisation for all their health
+        checks, one stacked power iteration per group of equal shapes. [ours]"""
+        with torch.autocast(device_type=items[0][1].device.type, enabled=False):
+            health = self._health([(st, A, st.param.grad) for st, A in items])
+            groups: dict[tuple, list[tuple[ParamState, torch.Tensor]]] = {}
+            for (st, A), ok in zip(items, health, strict=True):
+                if ok:
+                    groups.setdefault((tuple(A.shape), st.dim, self._block_width(st)),
+                                      []).append((st, A))
+            for group in groups.values():
+                sts = [st for st, _ in group]
+                As = torch.stack([A for _, A in group])
+                op = self._distributed(Operator(gram_matvec(As), lambda: covariance(As),
+                                                trace_of_covariance(As)))
+                evals, V = self._solve(sts, op)
+                for j, (st, A) in enumerate(group):
+                    self._commit(st, V[j], evals[j], self.comm.all_reduce_sum(
+                        trace_of_covariance(A)))
+
+    def refresh_(self) -> list[tuple[ParamState, torch.Tensor | None]]:
+        """Refresh every weight whose refresh is due (and that has a gradient, unless the
+        policy says otherwise); hand rows captured between refreshes to the policy.
+
+        Returns ``(state, old basis E or None)`` for every weight whose basis changed (what
+        SubspaceAdam re-projects its moments with).
         """
-        if not getattr(self, "_batched", True):
-            self._project_loop()
-            return
-        if self.step < self.warmup:
-            self._refresh_only()
-            return
-        # Fast path [ours]: refresh what is due, then project layers whose gradients share a
-        # shape in one batched product (torch.bmm over stacked grads; one kernel per group on a
-        # GPU instead of ~4 per layer), with the sharpness term folded into the thin k-dim
-        # factor. No .item() or host sync: the step is capturable. The reference loop is
-        # ``_project_loop`` (set ``projector._batched = False``); tests/optim/test_fastpath.py
-        # checks that both agree.
-        groups: dict[tuple, list[LayerState]] = {}
-        # no backward reached a layer without a gradient: nothing to project, refresh stays due
-        live = [(st, st.module.weight.grad) for st in self._layers.values()
-                if st.module.weight.grad is not None]
-        due = [(st, g) for st, g in live if st.due(self.step)]
-        if due:
-            self._refresh_due(due)
-        for st, g in live:
-            if st.block is None:
-                continue
-            key = (tuple(g.shape), g.dtype, g.device, st.side, st.k, st.block.dtype)
-            if not self._stack_pays(g):
-                key += (st.name,)  # a group of one: the fused per-layer product
-            groups.setdefault(key, []).append(st)
-        if not (groups and self._project_graphed(list(groups.values()))):
-            for sts in groups.values():
-                if len(sts) == 1:
-                    self._project_one(sts[0])
+        if not any(st.rows or st.due(self.step) for st in self._states.values()):
+            return []
+        before = {st.name: (st.refreshes, None if st.block is None else st.basis)
+                  for st in self._states.values()}
+        stacked: list[tuple[ParamState, torch.Tensor]] = []
+        for st in self._states.values():
+            if st.param.grad is None and not self.policy.refresh_without_grad:
+                continue  # no backward reached it: nothing to project, the refresh stays due
+            if st.rows and st.block is not None and not st.due(self.step):
+                A = self._take_rows(st)
+                if self.policy.between_refreshes(self, st, A):
+                    self._refresh_one(st, A, early=True)
+            elif st.due(self.step):
+                A = self._take_rows(st)
+                if self._use_stacks(st) and self._warm(st) and A.shape[0] > 0:
+                    stacked.append((st, A))
                 else:
-                    self._project_group(sts)
-        self.step += 1
+                    self._refresh_one(st, A)
+        if stacked:
+            self._refresh_stacked(stacked)
+        return [(st, before[st.name][1]) for st in self._states.values()
+                if st.refreshes != before[st.name][0]]
 
-    MAX_GRAPH_BUILDS = 8  # a signature that keeps changing: stop capturing, stay eager
+    @torch.no_grad()
+    def refresh_now(self) -> None:
+        """Refresh every weight that has captured rows, without projecting or stepping.
 
-    def _project_graphed(self, groups: list[list[LayerState]]) -> bool:
-        """Project every group with one replay of a captured CUDA graph (see
-        :mod:`dsbp.optim.graphed`); False, having done nothing, where that does not apply."""
-        if not self.cuda_graph or groups[0][0].module.weight.grad.device.type != "cuda":
-            return False
-        if torch.cuda.is_current_stream_capturing():
-            return False  # the caller is capturing a graph of its own: stay plain
-        g = self._graph
-        if g is None or g.signature != signature(self, groups):
-            if self._graph_builds >= self.MAX_GRAPH_BUILDS:
-                return False
-            self._graph_builds += 1
-            try:
-                g = ProjectionGraph(self, groups)
-                g.capture()
-            except RuntimeError as err:  # capture unsupported here: eager from now on
-                warnings.warn(f"DSBP: CUDA-graph capture of the projection failed ({err}); "
-                              "projecting eagerly", RuntimeWarning, stacklevel=3)
-                self.cuda_graph, self._graph = False, None
-                return False
-            self._graph = g
-        g.replay()
-        return True
-
-    def _stack_pays(self, g: torch.Tensor) -> bool:
-        """Whether stacking this gradient into a batched product is expected to be faster. [ours]
-
-        On a GPU always (one kernel instead of several per layer; launches dominate). On a CPU
-        the stacking copies cost more than they save at every size measured (ResNet-18 width
-        0.25, ``project_`` alone: stacked 4.2 ms, fused per-layer 2.0 ms; width 1: 1.45x
-        slower stacked; benchmarks/projection_only.py), so CPU gradients take the fused
-        per-layer path unless they have at most ``_stack_max_numel`` elements (default 0).
+        For bases outside a training step (transfer sources, trained models): run forward passes
+        in train mode while a refresh is due (a new projector is due at once), then call this.
         """
-        if g.device.type != "cpu":
-            return True
-        return g.numel() <= getattr(self, "_stack_max_numel", 0)
+        for st in self._states.values():
+            if st.rows:
+                self._refresh_one(st, self._take_rows(st))
 
-    def _refresh_only(self) -> None:
-        """Warm-up step: refresh the bases that are due, leave every gradient as it is."""
-        for st in self._layers.values():
-            g = st.module.weight.grad
-            if g is not None and st.due(self.step):
-                self._refresh(st, g)
-        self.step += 1
+    # ------------------------------------------------------------------ 3. project
+    def _resolved_path(self, device: torch.device) -> str:
+        if self.path != "auto":
+            return self.path
+        return "graph" if device.type == "cuda" else "loop"
 
-    def _project_loop(self) -> None:
-        """The reference per-layer projection loop (the fast path's parity reference).
+    def _use_stacks(self, st: ParamState) -> bool:
+        return self._resolved_path(st.param.device) != "loop" and self.estimator.batchable
 
-        ``G <- alpha G + (1 - alpha) c E E^T G + beta lam_hat e1 e1^T W`` (output side), with
-        ``c = min(||G|| / ||E E^T G||, max_rescale)`` if ``rescale`` else 1.
-        """
-        if self.step < self.warmup:
-            self._refresh_only()
-            return
-        for st in self._layers.values():
-            g = st.module.weight.grad
-            if g is None:  # no backward reached this layer: nothing to project, refresh stays due
-                continue
-            if st.due(self.step):
-                self._refresh(st, g)
-            if st.block is None:
-                continue
-            G = adapters.as_matrix(g)
-            E = st.block[:, : st.k]
-            Gc = G.to(E.dtype)
-            new = project(Gc, E, st.side)
-            if self.rescale:
-                c = torch.linalg.matrix_norm(Gc) / torch.linalg.matrix_norm(new).clamp(min=1e-30)
-                new.mul_(c.clamp(max=self.max_rescale))
-            if self.residual != 0.0:
-                new.mul_(1.0 - self.residual).add_(Gc, alpha=self.residual)
-            if st.sharpness != 0.0:
-                W = adapters.as_matrix(st.module.weight).to(E.dtype)
-                lam_hat = st.eigenvalues[0] / st.trace
-                new.add_(sharpness_term(W, E[:, 0], lam_hat, st.side), alpha=st.sharpness)
-            g.copy_(new.view_as(g))
-        self.step += 1
+    def _update(self, G: torch.Tensor, E: torch.Tensor, side: str, W: torch.Tensor | None,
+                scale: torch.Tensor | float) -> torch.Tensor:
+        """The one update (:func:`dsbp_update_`) with this projector's switches and shards."""
+        return dsbp_update_(G, E, side, W=W, scale=scale, residual=self.residual,
+                            rescale=self.rescale, max_rescale=self.max_rescale,
+                            row_sum=self.comm.sum_over_row_shards)
 
-    def _project_one(self, st: LayerState) -> None:
-        """One layer, sharpness folded into the thin factor, written into ``.grad`` directly.
+    def _local_basis(self, st: ParamState) -> torch.Tensor:
+        """E, or on the output side of a row-sharded weight the rows this rank holds."""
+        E = st.basis
+        return E[self.comm.row_slice(st.param)] if st.side == "output" else E
 
-        Output side: ``E (E^T G + s e_1 (e1^T W))`` with ``s = beta * lam_hat``, which equals
-        ``E E^T G + s e1 e1^T W`` since ``E e_1 = e1`` (``e_1``: first unit vector of R^k).
-        Input side: ``(G E + s (W e1) e_1^T) E^T``.
-        """
-        g = st.module.weight.grad
-        G = adapters.as_matrix(g)  # (d_out, d_in), a view of .grad when it is contiguous
-        E = st.block[:, : st.k]  # (d, k)
-        Gc = G.to(E.dtype)
-        output = st.side == "output"
-        M = E.T @ Gc if output else Gc @ E  # (k, d_in) or (d_out, k)
-        self._scale_thin_factor(M, Gc)
-        if st.sharpness != 0.0:
-            W = adapters.as_matrix(st.module.weight).to(E.dtype)
-            s = st.eigenvalues[0] / st.trace * st.sharpness  # 0-d tensor: no host sync
-            if output:
-                M[0].add_(s * (E[:, 0] @ W))
-            else:
-                M[:, 0].add_(s * (W @ E[:, 0]))
-        a = self.residual  # G <- a G + E M  (output side), G <- a G + M E^T (input side)
-        if Gc.data_ptr() == g.data_ptr() and G.is_contiguous():
-            # M no longer reads G, so the product can overwrite the gradient in place
-            if a == 0.0:
-                torch.mm(E, M, out=G) if output else torch.mm(M, E.T, out=G)
-            else:
-                G.addmm_(E, M, beta=a) if output else G.addmm_(M, E.T, beta=a)
-        else:
-            new = E @ M if output else M @ E.T
-            if a != 0.0:
-                new.add_(Gc, alpha=a)
-            g.copy_(new.view_as(g))
+    def _project_loop(self, sts: list[ParamState]) -> list[torch.Tensor]:
+        oks = []
+        for st in sts:
+            g = self.comm.local(st.param.grad)
+            G = st.matrix(g)  # a view of .grad, unless .grad's layout needs a copy
+            W = st.matrix(self.comm.local(st.param.detach())) if st.sharpness else None
+            oks.append(self._update(G, self._local_basis(st), st.side, W, st.sharpness_scale()))
+            st.write_matrix(g, G)
+        return oks
 
-    def _scale_thin_factor(self, M: torch.Tensor, Gc: torch.Tensor) -> None:
-        """Fold ``(1 - alpha) * c`` into the thin factor ``M = E^T G`` (or ``G E``) in place.
-
-        ``||E E^T G|| = ||E^T G||`` for orthonormal E, so the rescale factor
-        ``c = ||G|| / ||P G||`` needs no d x d work and no host sync. M is (k, d_in), (d_out, k),
-        or a stack (B, ., .) with Gc stacked alike.
-        """
-        if self.rescale:
-            gn = torch.linalg.matrix_norm(Gc)
-            mn = torch.linalg.matrix_norm(M).clamp(min=1e-30)
-            c = (gn / mn).clamp(max=self.max_rescale)
-            M.mul_(c.unsqueeze(-1).unsqueeze(-1) if M.dim() == 3 else c)
-        if self.residual != 0.0:
-            M.mul_(1.0 - self.residual)
-
-    def _stacked_basis(self, sts: list[LayerState]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked bases (B, d, k) and sharpness scales (B,) of a group, rebuilt after refreshes."""
-        cache = self.__dict__.setdefault("_stack_cache", {})
+    def _stacked_basis(self, sts: list[ParamState]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked bases (B, d, k) and sharpness scales (B,), rebuilt after refreshes."""
         key = tuple(st.name for st in sts)
         tag = basis_tags(sts)
-        hit = cache.get(key)
+        hit = self._stack_cache.get(key)
         if hit is None or not same_tags(hit[0], tag):
-            Es = torch.stack([st.block[:, : st.k] for st in sts])
-            s = torch.stack([st.eigenvalues[0] / st.trace * st.sharpness for st in sts])
-            hit = cache[key] = (tag, Es, s.to(Es.dtype))
+            Es = torch.stack([self._local_basis(st) for st in sts])
+            s = torch.stack([st.sharpness_scale() for st in sts]).to(Es.dtype)
+            hit = self._stack_cache[key] = (tag, Es, s)
         return hit[1], hit[2]
 
-    def _project_group(self, sts: list[LayerState]) -> None:
-        """Same-shaped layers in one batched product (see :meth:`_project_one` for the algebra)."""
-        Es, s = self._stacked_basis(sts)  # (B, d, k), (B,)
-        grads = [st.module.weight.grad for st in sts]
-        Gs = torch.stack([adapters.as_matrix(g) for g in grads]).to(Es.dtype)  # (B, d_out, d_in)
-        self._project_stack_(sts, Gs, Es, s)
-        views = [n.view_as(g) for n, g in zip(Gs.unbind(0), grads, strict=True)]
-        torch._foreach_copy_(grads, views)
+    def update_stack_(self, sts: list[ParamState], G: torch.Tensor, E: torch.Tensor,
+                      s: torch.Tensor) -> torch.Tensor:
+        """Overwrite a stack of gradients ``G`` (B, d_out, d_in) of the weights ``sts`` with
+        their DSBP directions (shared by the stacked path and the CUDA graph)."""
+        W = (torch.stack([st.matrix(self.comm.local(st.param.detach())) for st in sts])
+             if any(st.sharpness for st in sts) else None)
+        return self._update(G, E, sts[0].side, W, s)
 
-    def _project_stack_(self, sts: list[LayerState], G: torch.Tensor, E: torch.Tensor,
-                        s: torch.Tensor) -> None:
-        """Overwrite a stack of gradients ``G`` (B, d_out, d_in) of the layers ``sts`` with
-        their projections, in place: ``a G + E (E^T G + s e_1 (e1^T W))`` (output side) or
-        ``a G + (G E + s (W e1) e_1^T) E^T`` (input side), with ``E`` (B, d, k) and the
-        sharpness scales ``s`` (B,). Shared by the eager stacked path and the CUDA graph."""
-        output = sts[0].side == "output"
-        M = torch.bmm(E.transpose(1, 2), G) if output else torch.bmm(G, E)
-        self._scale_thin_factor(M, G)
-        if any(st.sharpness != 0.0 for st in sts):
-            W = torch.stack([adapters.as_matrix(st.module.weight) for st in sts]).to(E.dtype)
-            e1 = E[:, :, :1]  # (B, d, 1)
-            if output:
-                M[:, :1, :].add_(s.view(-1, 1, 1) * torch.bmm(e1.transpose(1, 2), W))
-            else:
-                M[:, :, :1].add_(s.view(-1, 1, 1) * torch.bmm(W, e1))
-        a = self.residual  # M no longer reads G, so the product can overwrite it
-        if a:
-            G.baddbmm_(E, M, beta=a) if output else G.baddbmm_(M, E.transpose(1, 2), beta=a)
+    def _project_stacked(self, groups: list[list[ParamState]]) -> list[torch.Tensor]:
+        oks = []
+        for sts in groups:
+            E, s = self._stacked_basis(sts)
+            grads = [self.comm.local(st.param.grad) for st in sts]
+            G = torch.stack([st.matrix(g) for st, g in zip(sts, grads, strict=True)]).to(E.dtype)
+            oks.append(self.update_stack_(sts, G, E, s))
+            for st, g, Gi in zip(sts, grads, G.unbind(0), strict=True):
+                st.write_matrix(g, Gi, copy=True)
+        return oks
+
+    def _project_graphed(self, groups: list[list[ParamState]]) -> list[torch.Tensor] | None:
+        """Every group in one replay of a captured CUDA graph (:mod:`dsbp.optim.graphed`);
+        None, having done nothing, where that does not apply."""
+        if torch.cuda.is_current_stream_capturing():
+            return None  # the caller is capturing a graph of its own: stay plain
+        sig = (self.residual, self.rescale, self.max_rescale, tuple(
+            tuple((st.name, tuple(st.param.shape), st.side, st.k, st.sharpness != 0.0,
+                   st.block.dtype if st.block is not None else None, st.param.data_ptr())
+                  for st in g) for g in groups))
+        if self._graph is None or self._graph.signature != sig:
+            if self._graph_builds >= self.MAX_GRAPH_BUILDS:
+                return None
+            self._graph_builds += 1
+            try:
+                graph = ProjectionGraph(groups, sig, self._local_basis, self.comm.local,
+                                        self.update_stack_)
+                graph.capture()
+            except RuntimeError as err:  # capture unsupported here: stacked from now on
+                warnings.warn(f"DSBP: CUDA-graph capture of the projection failed ({err}); "
+                              "projecting eagerly", RuntimeWarning, stacklevel=3)
+                self.path, self._graph = "stacked", None
+                return None
+            self._graph = graph
+        return self._graph.replay()
+
+    def _report_nonfinite(self, sts: list[ParamState], oks: list[torch.Tensor],
+                          read_now: bool) -> None:
+        """Count steps with a non-finite gradient per weight (left unprojected) and warn. On a
+        CPU the flags are read every step; on a GPU on refresh steps only (no extra sync)."""
+        bad = (~torch.cat([o.reshape(-1) for o in oks])).to(torch.int64)
+        if not read_now:
+            for i, st in enumerate(sts):
+                st.nonfinite = bad[i] if st.nonfinite is None else st.nonfinite + bad[i]
+            return
+        if not bool(bad.any()) and all(st.nonfinite is None for st in sts):
+            return
+        counts = bad.tolist()
+        for st, n in zip(sts, counts, strict=True):
+            n += 0 if st.nonfinite is None else int(st.nonfinite)
+            st.nonfinite = None
+            if n:
+                warnings.warn(f"DSBP weight {st.name!r}: non-finite gradient on {n} step(s) up "
+                              f"to step {self.step}; left unprojected (as the base optimizer "
+                              "would see it)", RuntimeWarning, stacklevel=4)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """One DSBP step on every projected gradient, in place; advances the step counter.
+
+        ``G <- E E^T G + beta * lam_hat * e1 e1^T W`` (output side) or
+        ``G <- G E E^T + beta * lam_hat * W e1 e1^T`` (input side), ``lam_hat = lambda_1 /
+        trace(C)``, with the residual / rescale switches. Due refreshes run first. Weights
+        without a basis yet are left as they are; weights without a gradient are skipped (their
+        refresh waits for a step that has one). With mixed precision call it on *unscaled*
+        gradients (``scaler.unscale_(opt)`` first).
+        """
+        refreshed = self.refresh_()
+        if self.step >= self.warmup:
+            live = [st for st in self._states.values()
+                    if st.param.grad is not None and st.block is not None]
+            if live:
+                self._project(live, read_now=bool(refreshed) or
+                              live[0].param.device.type == "cpu")
+        self.end_step()
+
+    def _project(self, live: list[ParamState], read_now: bool) -> None:
+        path = self._resolved_path(live[0].param.device)
+        if path == "loop":
+            sts, oks = live, self._project_loop(live)
         else:
-            torch.bmm(E, M, out=G) if output else torch.bmm(M, E.transpose(1, 2), out=G)
+            groups: dict[tuple, list[ParamState]] = {}
+            for st in live:
+                g = st.param.grad
+                key = (tuple(g.shape), g.dtype, g.device, st.side, st.k, st.block.dtype)
+                groups.setdefault(key, []).append(st)
+            grouped = list(groups.values())
+            sts = [st for g in grouped for st in g]
+            graphed = self._project_graphed(grouped) if path == "graph" else None
+            oks = graphed if graphed is not None else self._project_stacked(grouped)
+        self._report_nonfinite(sts, oks, read_now)
+
+    def end_step(self) -> None:
+        """Close a step: advance the counter (for optimizers that refresh with
+        :meth:`refresh_` and apply the update themselves, such as SubspaceAdam)."""
+        self.step += 1
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Tensors and plain numbers only, so ``torch.load(weights_only=True)`` reads it."""
-        return {
-            "step": self.step,
-            "side": self.side,
-            "layers": {n: s.to_dict() for n, s in self._layers.items()},
-        }
+        return {"step": self.step, "side": self.side,
+                "layers": {n: s.to_dict() for n, s in self._states.items()},
+                "estimator": self.estimator.state_dict(), "policy": self.policy.state_dict()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore bases, eigenvalues, per-layer settings and the step counter."""
+        """Restore bases, eigenvalues, per-weight settings and the step counter, after checking
+        all of it (names, shapes, ranks, finiteness, required keys) against this projector."""
+        if not isinstance(state, Mapping) or "layers" not in state or "step" not in state:
+            raise ValueError("not a SpectralProjector state dict: needs 'step' and 'layers', "
+                             f"got {sorted(state) if isinstance(state, Mapping) else state!r}")
         if state.get("side", self.side) != self.side:
             raise ValueError(f"state was saved with side={state['side']!r}, "
                              f"this projector uses side={self.side!r}")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0, got {step!r}")
         saved = set(state["layers"])
-        if saved != set(self._layers):
-            raise ValueError(f"state has layers {sorted(saved)}, projector has "
-                             f"{sorted(self._layers)}")
+        if saved != set(self._states):
+            raise ValueError(f"state has weights {sorted(saved - set(self._states))} this "
+                             f"projector lacks and lacks {sorted(set(self._states) - saved)}")
         for n, d in state["layers"].items():
-            self._layers[n].load_dict(d)
-        self.step = int(state["step"])
+            st = self._states[n]
+            st.check_dict(d, self._block_width(st) if d.get("rank") == st.rank else st.dim)
+        for n, d in state["layers"].items():
+            self._states[n].load_dict(d)
+        self.estimator.load_state_dict(state.get("estimator", {}))
+        self.policy.load_state_dict(state.get("policy", {}))
+        self.step = int(step)
         self._graph = None  # new bases: a graph is captured again on the next step
