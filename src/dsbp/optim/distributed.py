@@ -48,6 +48,7 @@ for tests, examples and ``dsbp bench --nproc``. Under ``torchrun`` no launcher i
 from __future__ import annotations
 
 import inspect
+import io
 import math
 import os
 import socket
@@ -66,7 +67,8 @@ from dsbp.optim.dsbp import DSBP
 from dsbp.optim.projector import SpectralProjector
 
 __all__ = ["CommStats", "DistributedDSBP", "DistributedSpectralProjector",
-           "ProcessGroupCommunicator", "free_port", "launch", "projector_takes_comm"]
+           "ProcessGroupCommunicator", "free_port", "launch", "load_checkpoint",
+           "projector_takes_comm", "save_checkpoint"]
 
 
 class CommStats:
@@ -348,7 +350,93 @@ class DistributedDSBP(DSBP):
 
     @property
     def comm(self) -> ProcessGroupCommunicator:
-        return self.projector.comm  # type: ignore[attr-defined,no-any-return]
+        comm = getattr(self.projector, "comm")  # noqa: B009 (the legacy projector's attribute)
+        assert isinstance(comm, ProcessGroupCommunicator)
+        return comm
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What :func:`save_checkpoint` writes: the model's and the (base) optimizer's state in
+    torch.distributed.checkpoint's form (keyed by parameter name, DTensors kept sharded), and
+    the projector's state (bases replicated on every rank) as one serialised object."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    proj = getattr(optimizer, "projector", None)
+    base = getattr(optimizer, "base_optimizer", None)
+    if proj is not None and not isinstance(base, torch.optim.Optimizer):
+        raise NotImplementedError(
+            f"{type(optimizer).__name__} keeps its own moments next to a projector; "
+            "save_checkpoint handles DSBP-style wrappers (a projector and a base optimizer) and "
+            "plain torch optimizers. Save SubspaceAdam with torch.save(opt.state_dict()) per "
+            "rank and resume on the same world size")
+    inner = base if base is not None else optimizer
+    state: dict[str, Any] = {"model": get_model_state_dict(model),
+                             "optim": get_optimizer_state_dict(model, inner)}
+    if proj is not None:
+        buf = io.BytesIO()
+        torch.save(proj.state_dict(), buf)
+        buf.seek(0)
+        state["projector"] = buf
+    return state
+
+
+def save_checkpoint(checkpoint_id: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer) -> None:
+    """Save model and optimizer with ``torch.distributed.checkpoint`` (DCP), every rank calling.
+
+    Under FSDP2 each rank writes its own shards of the weights and of the base optimizer's
+    state; DSBP's bases (identical on every rank) are written once. Works for one process too.
+
+    Args:
+        checkpoint_id: a directory.
+        model: the (``fully_shard``-wrapped, DDP-unwrapped, or plain) model.
+        optimizer: :class:`~dsbp.DSBP` / :class:`DistributedDSBP` or a torch optimizer.
+
+    Raises:
+        NotImplementedError: an optimizer with a projector but no base optimizer (SubspaceAdam).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_checkpoint_state(model, optimizer), checkpoint_id=checkpoint_id)
+
+
+def load_checkpoint(checkpoint_id: str | os.PathLike, model: nn.Module,
+                    optimizer: torch.optim.Optimizer) -> None:
+    """Load what :func:`save_checkpoint` wrote into ``model`` and ``optimizer``, in place.
+
+    DCP reshards: a checkpoint saved on W ranks loads on any number of ranks, with or without
+    FSDP2 (one process without a process group included), as long as the model and the
+    optimizer have the same parameters; the projector's state is replicated and loads as is.
+    Build the optimizer exactly as for the saved run (same ``rank``, ``side``, layers).
+
+    Raises:
+        NotImplementedError: as :func:`save_checkpoint`.
+        ValueError: the checkpoint has no projector state but the optimizer has a projector,
+            or the projector's layers or side differ.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _checkpoint_state(model, optimizer)
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_model_state_dict(model, state["model"])
+    inner = getattr(optimizer, "base_optimizer", None) or optimizer
+    set_optimizer_state_dict(model, inner, state["optim"])
+    proj = getattr(optimizer, "projector", None)
+    if proj is not None:
+        buf = state["projector"]
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        if not isinstance(saved, dict) or "layers" not in saved:
+            raise ValueError(f"checkpoint {checkpoint_id} has no DSBP projector state")
+        proj.load_state_dict(saved)
 
 
 def free_port() -> int:
