@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -52,6 +53,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, env_info, summary, write_json  # noqa: E402
 
+import dsbp  # noqa: E402
 from dsbp import DSBP  # noqa: E402
 from dsbp.baselines.sam import SAM  # noqa: E402
 from dsbp.experiments.build import load_data  # noqa: E402
@@ -383,6 +385,11 @@ def main(argv: list[str] | None = None) -> dict:
         "weight_decay": {"sgd_family": SGD_WD, "adam_family": ADAM_WD},
         "target_fractions_of_sgd_final": list(TARGET_FRACTIONS),
         "machine_note": "2 CPU cores shared with four other agents' jobs; raw wall-clock noisy",
+        # The dsbp package measured: when run from a snapshot (PYTHONPATH=<git archive of a
+        # commit>/src, so that edits made meanwhile in a shared tree cannot change the code
+        # under a running benchmark), DSBP_CODE_COMMIT names that commit.
+        "dsbp_source": {"path": str(Path(dsbp.__file__).parent),
+                        "commit": os.environ.get("DSBP_CODE_COMMIT", "working tree")},
         "tasks": {},
     }
     if args.resume and path.exists():
