@@ -370,10 +370,13 @@ def data_records(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def posthoc_rows(out: Path, rows: list[dict[str, Any]], analyses: Sequence[PostHoc] = ANALYSES
+def posthoc_rows(out: Path, rows: list[dict[str, Any]],
+                 analyses: Sequence[PostHoc] | None = None
                  ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    """The rows every analysis derives from the training ``rows`` (which get the analyses'
-    annotations in place), the columns they add, and a line per unreadable result file."""
+    """The rows every analysis (default :data:`ANALYSES`) derives from the training ``rows``
+    (which get the analyses' annotations in place), the columns they add, and a line per
+    unreadable result file."""
+    analyses = ANALYSES if analyses is None else analyses
     pristine = [dict(r) for r in rows]
     added: list[dict[str, Any]] = []
     columns: list[str] = []
