@@ -44,6 +44,7 @@ _OPTIONAL_COMMANDS = (
     ("prune", "dsbp.cli.posthoc"),
     ("shift", "dsbp.cli.posthoc"),
     ("fewshot", "dsbp.cli.fewshot"),
+    ("table", "dsbp.cli.table"),
 )
 
 

@@ -28,7 +28,7 @@ def add_bench(sub: Any) -> None:
         description="Run data sets x methods x ablations x seeds; each run gets a directory "
         "under OUT/runs with config.json, env.json, metrics.jsonl and checkpoint.pt.",
     )
-    p.add_argument("--preset", choices=("smoke", "demo", "paper"),
+    p.add_argument("--preset", choices=("smoke", "demo", "paper", "table", "table_gpu"),
                    help="start from a named grid (flags below override it)")
     p.add_argument("--datasets", type=_csv, help="comma-separated data set names")
     p.add_argument("--methods", type=_csv, help="comma-separated method names")
@@ -121,6 +121,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.preset in ("table", "table_gpu"):  # the comparison table: its own driver
+        from dsbp.cli.table import bench_table
+
+        return bench_table(args)
     if args.methods and set(args.methods) & {"maml", "spectral_maml"}:
         from dsbp.cli.fewshot import bench_fewshot
 
@@ -343,7 +347,11 @@ def add_report(sub: Any) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     """``dsbp report OUT``: remake the tables, report and plots from run directories."""
     from dsbp.experiments.sweep import finish
+    from dsbp.experiments.table import finish_table, is_table
 
+    if is_table(args.out):  # a `dsbp table` folder: its sub-folders, table and plot
+        print("wrote " + ", ".join(str(v) for v in finish_table(args.out).values()))
+        return 0
     made = finish(args.out, {"label": args.label} if args.label else None)
     for line in made["problems"]:
         print(f"unreadable, left out: {line}")

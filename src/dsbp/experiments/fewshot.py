@@ -60,8 +60,12 @@ from dsbp.experiments import atomic
 
 METHODS = ("maml", "spectral_maml")
 
-RESULT_COLUMNS = ("dataset", "method", "n_way", "k_shot", "seed", "test_acc", "ci95",
-                  "n_episodes", "train_s", "test_s", "meta_iters", "rank", "status", "cell")
+# The core columns of every results.csv first (epochs: empty, episodic training counts
+# meta_iters; wall_s: meta-training seconds; device: env.json's device_name), then few-shot's.
+RESULT_COLUMNS = ("dataset", "model", "method", "seed", "epochs", "test_acc", "test_loss",
+                  "wall_s", "device", "n_way", "k_shot", "ci95", "n_episodes", "train_s",
+                  "test_s", "meta_iters", "rank", "status", "cell")
+MODEL = "conv4"  # the model column of results.csv: conv4() below
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,8 @@ def run_cell(cfg: FewshotConfig, data: SplitData, method: str, k_shot: int, seed
     torch.manual_seed(seed)  # the same initialisation for both methods
     model = conv4(int(data.x_train.shape[1]), cfg.n_way, cfg.width,
                   int(data.x_train.shape[-1])).to(dev)
-    common = {"inner_lr": cfg.inner_lr, "inner_steps": cfg.inner_steps, "first_order": True}
+    common: dict[str, Any] = {"inner_lr": cfg.inner_lr, "inner_steps": cfg.inner_steps,
+                              "first_order": True}
     learner = (MAML(model, **common) if method == "maml" else
                SpectralMAML(model, rank=cfg.rank, side=cfg.side, seed=seed, **common))
     train_eps = EpisodeSampler(data.x_train, data.y_train, data.train_classes, cfg.n_way,
@@ -246,11 +251,13 @@ def run_cell(cfg: FewshotConfig, data: SplitData, method: str, k_shot: int, seed
     train_s = time.perf_counter() - t0
     learner.inner_steps = cfg.test_inner_steps
     t0 = time.perf_counter()
-    accs = [learner.evaluate([_task(ep, data.mean, data.std, dev)])[1]
-            for ep in test_eps.episodes(cfg.test_episodes)]
+    scored = [learner.evaluate([_task(ep, data.mean, data.std, dev)])
+              for ep in test_eps.episodes(cfg.test_episodes)]
+    accs = [a for _, a in scored]
     test_s = time.perf_counter() - t0
     mean, ci = mean_ci95(accs)
     return {"test_acc": mean, "ci95": ci, "episode_accs": accs, "n_episodes": len(accs),
+            "test_loss": statistics.fmean(loss for loss, _ in scored) if scored else None,
             "train_s": train_s, "test_s": test_s,
             "meta_loss_first": losses[0] if losses else None,
             "meta_loss_last": losses[-1] if losses else None}
@@ -352,12 +359,14 @@ def finish_fewshot(out: str | Path) -> dict[str, Path]:
     """(Re)make ``results.csv`` and ``report.md`` of ``out`` from ``out/runs/*.json``."""
     out = Path(out)
     cells = _read_cells(out)
+    env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS), extrasaction="ignore",
                        lineterminator="\n")
     w.writeheader()
     for c in cells:
-        w.writerow({**c, "meta_iters": c["settings"]["meta_iters"],
+        w.writerow({**c, "model": MODEL, "epochs": "", "wall_s": c.get("train_s"),
+                    "device": env.get("device_name", ""), "meta_iters": c["settings"]["meta_iters"],
                     "rank": c["settings"]["rank"] if c["method"] == "spectral_maml" else ""})
     atomic.write_text(out / "results.csv", buf.getvalue())
     atomic.write_text(out / "report.md", "\n".join(report_lines(out, cells)) + "\n")
@@ -421,5 +430,5 @@ def report_lines(out: Path, cells: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-__all__ = ["METHODS", "FewshotConfig", "cell_name", "conv4",
+__all__ = ["METHODS", "MODEL", "RESULT_COLUMNS", "FewshotConfig", "cell_name", "conv4",
            "fewshot", "finish_fewshot", "mean_ci95", "run_cell", "split_classes"]

@@ -52,6 +52,7 @@ from dsbp.experiments.build import (
     resolve_device,
 )
 from dsbp.experiments.config import RunConfig
+from dsbp.experiments.hostinfo import compute_info
 from dsbp.experiments.loop import TrainState, train
 from dsbp.experiments.track import build_trackers
 
@@ -162,6 +163,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "world_size": world()[1],
         "dsbp": dsbp.__version__,
         **git_commit(),
+        **compute_info(),  # CPU vector units and BLAS: CPU results depend on them
         "argv": sys.argv,
     }
 
@@ -263,7 +265,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
     """Every global RNG the run may touch, as tensors and plain numbers (weights_only-safe)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -530,7 +532,7 @@ def run(
         data = dataclasses.replace(data, train=RankShard(data.train, rank, world_size))
     model = build_model_for(cfg, data).to(device)
     if device.type == "cuda" and data.test.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if world_size > 1 and device.type == "cuda":  # SyncBatchNorm needs CUDA (torch 2.13)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
