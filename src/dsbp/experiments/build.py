@@ -331,10 +331,11 @@ def _dsbp_input(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     return _dsbp_method(model, cfg, side="input")
 
 
-# Issue 7's switch (docs/findings.md, results/issue7/report.md): DSBP plus a damped step in
-# the complement of the subspace, G~ = P G + alpha (G - P G), alpha = 0.5. [ours] Chosen on
-# the validation split of CPU subsets (3 seeds, two data sets). On the GPU (ResNet-18,
-# results/issue7_gpu/report.md) the best on validation adds interval=20 and warmup=100
+# The measured switch of the "does DSBP earn its claims?" study (docs/findings.md,
+# results/dsbp_claims_cpu/report.md): DSBP plus a damped step in the complement of the
+# subspace, G~ = P G + alpha (G - P G), alpha = 0.5. [ours] Chosen on the validation
+# split of CPU subsets (3 seeds, two data sets). On the GPU (ResNet-18,
+# results/dsbp_claims_gpu/report.md) the best on validation adds interval=20 and warmup=100
 # (README "Recommended configuration"); those depend on the run length, so they are not
 # defaults here: pass them with --set. method_kwargs override any of it (and set k, p, beta
 # as for ``dsbp``).
@@ -342,7 +343,7 @@ DSBP_TUNED = {"residual": 0.5}
 
 
 @register_method("dsbp_tuned", settings=(*_DSBP_SETTINGS, *_DSBP_SWITCHES),
-                 description="DSBP, output side, with issue 7's measured switch "
+                 description="DSBP, output side, with the claims study's measured switch "
                  "(residual alpha = 0.5)")
 def _dsbp_tuned(model: nn.Module, cfg: RunConfig, ctx: BuildContext) -> Method:
     return _dsbp_method(model, cfg, side="output", defaults=DSBP_TUNED)

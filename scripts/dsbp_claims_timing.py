@@ -11,7 +11,7 @@ are reported. CPU subset: shows the trend, not the final figure.
 
 Usage::
 
-    python scripts/issue7_timing.py fashion_mnist cifar10
+    python scripts/dsbp_claims_timing.py fashion_mnist cifar10
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def time_dataset(name: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("datasets", nargs="+")
-    ap.add_argument("--out", default="results/issue7/timing.json")
+    ap.add_argument("--out", default="results/dsbp_claims_cpu/timing.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     res = [time_dataset(d) for d in args.datasets]

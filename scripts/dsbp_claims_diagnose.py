@@ -12,13 +12,13 @@ Recorded per step and per projected layer (``side="output"``, the paper's shapes
 - ``drift``: ``sqrt(1 - ||E_old^T E_new||^2 / k)`` between consecutive refreshes;
 - the global parameter step norm ``||theta_{t+1} - theta_t||`` of DSBP and of SGD.
 
-CPU subset: shows the trend, not the final figure. Writes ``results/issue7/diagnose/*.json`` and
-the plots ``docs/img/issue7_*.png``.
+CPU subset: shows the trend, not the final figure. Writes
+``results/dsbp_claims_cpu/diagnose/*.json`` and the plots ``docs/img/dsbp_claims_*.png``.
 
 Usage::
 
-    python scripts/issue7_diagnose.py cnn_fm       # SmallCNN, Fashion-MNIST subset
-    python scripts/issue7_diagnose.py resnet_c10   # ResNet-18 (width 0.125), CIFAR-10 subset
+    python scripts/dsbp_claims_diagnose.py cnn_fm       # SmallCNN, Fashion-MNIST subset
+    python scripts/dsbp_claims_diagnose.py resnet_c10   # ResNet-18 (width 0.125), CIFAR-10 subset
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    out = ROOT / "results" / "issue7" / "diagnose"
+    out = ROOT / "results" / "dsbp_claims_cpu" / "diagnose"
     out.mkdir(parents=True, exist_ok=True)
     for method in ("dsbp", "sgd"):
         rec = run(args.setting, method, args.lr)

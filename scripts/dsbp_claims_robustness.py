@@ -16,7 +16,8 @@ figure.
 
 Usage::
 
-    python scripts/issue7_robustness.py results/issue7/final_fm results/issue7/final_c10
+    python scripts/dsbp_claims_robustness.py results/dsbp_claims_cpu/final_fm \
+        results/dsbp_claims_cpu/final_c10
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dsbp.data.subset import balanced_subset
 from dsbp.diagnostics.hessian import hessian_top_eigenvalues
 from dsbp.experiments.build import build_model_for, load_data
 from dsbp.experiments.config import RunConfig
+from dsbp.experiments.run import load_checkpoint
 from dsbp.experiments.track import HESSIAN_BATCHES
 
 N_TEST = 500
@@ -101,7 +103,7 @@ def evaluate_run(run_dir: Path, cache: dict, device: torch.device | None = None,
     x_u8, y = x_u8.to(device), y.to(device)
     data = load_data(cfg, device, dataset=ds)
     model = build_model_for(cfg, data)
-    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt", "cpu")  # tensors only: weights_only
     model.load_state_dict(ckpt["model"])
     model = model.to(device)
     net = Normalised(model, ds.mean, ds.std).to(device).eval()
@@ -152,7 +154,7 @@ def summarise(rows: list[dict], label_of) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("stages", nargs="+", help="folders holding dsbp bench outputs (one per method)")
-    ap.add_argument("--out", default="results/issue7/robustness")
+    ap.add_argument("--out", default="results/dsbp_claims_cpu/robustness")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--n-test", type=int, default=N_TEST, help="class-balanced test images")
     ap.add_argument("--title", default="CPU subset: shows the trend, not the final figure",

@@ -1,13 +1,14 @@
 """Issue 7: tables and plots from the diagnostics and the ``dsbp bench`` outputs.
 
-Reads ``results/issue7/diagnose/*.json`` (``scripts/issue7_diagnose.py``) and the run
-directories under ``results/issue7/<stage>/<config>/runs/`` (``scripts/issue7_sweep.py``);
-writes ``docs/img/issue7_*.png`` and ``results/issue7/tables.md``. Every number comes from those
-files. CPU subset: shows the trend, not the final figure.
+Reads ``results/dsbp_claims_cpu/diagnose/*.json`` (``scripts/dsbp_claims_diagnose.py``) and
+the run directories under ``results/dsbp_claims_cpu/<stage>/<config>/runs/``
+(``scripts/dsbp_claims_sweep.py``); writes ``docs/img/dsbp_claims_*.png`` and
+``results/dsbp_claims_cpu/tables.md``. Every number comes from those files.
+CPU subset: shows the trend, not the final figure.
 
 Usage::
 
-    python scripts/issue7_analyze.py
+    python scripts/dsbp_claims_analyze.py
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RES = ROOT / "results" / "issue7"
+RES = ROOT / "results" / "dsbp_claims_cpu"
 IMG = ROOT / "docs" / "img"
 LABEL = "CPU subset: shows the trend, not the final figure"
 # (stage, config, seed) -> end-of-training top Hessian eigenvalue from the robustness script.
@@ -75,7 +76,7 @@ def diagnostics(lines: list[str]) -> None:
         axes[2].set(xlabel="step", ylabel="||dtheta|| DSBP / ||dtheta|| SGD",
                     title="parameter step norm, DSBP over SGD (same seed, lr)")
         fig.suptitle(f"DSBP k=10, output side, beta=0.1 - {LABEL}", fontsize=9)
-        fig.savefig(IMG / f"issue7_diag_{setting}.png", dpi=110)
+        fig.savefig(IMG / f"dsbp_claims_diag_{setting}.png", dpi=110)
         plt.close(fig)
 
         # Per-layer summary: which layers lose most, and BatchNorm's wasted radial part.
@@ -107,7 +108,7 @@ def diagnostics(lines: list[str]) -> None:
         ax.set_xticks(range(len(names)), short, rotation=60, fontsize=7)
         ax.set(ylabel="mean ||E E^T G|| / ||G||", ylim=(0, 1),
                title=f"{setting}: energy kept per layer (red: conv followed by BatchNorm)")
-        fig.savefig(IMG / f"issue7_layers_{setting}.png", dpi=110)
+        fig.savefig(IMG / f"dsbp_claims_layers_{setting}.png", dpi=110)
         plt.close(fig)
         if s is not None:
             n_steps = min(len(d["step_norm"]), len(s["step_norm"]))
@@ -120,7 +121,7 @@ def diagnostics(lines: list[str]) -> None:
 
 # --------------------------------------------------------------------------------- sweeps
 def load_stage(stage: str) -> dict[str, list[dict]]:
-    """``{config name: [per-run summary]}`` from ``results/issue7/<stage>``."""
+    """``{config name: [per-run summary]}`` from ``results/dsbp_claims_cpu/<stage>``."""
     out: dict[str, list[dict]] = defaultdict(list)
     for mpath in sorted((RES / stage).glob("*/runs/*/metrics.jsonl")):
         run_dir = mpath.parent
@@ -164,7 +165,7 @@ def stage_table(stage: str, lines: list[str]) -> dict[str, list[dict]]:
     ax.set_ylim(max(0, lo - 10), min(100, max(v[0] for v in vals) + 3))
     ax.set_xticks(range(len(order)), order, rotation=60, fontsize=7)
     ax.set(ylabel="validation accuracy %", title=f"{stage}: validation accuracy\n({LABEL})")
-    fig.savefig(IMG / f"issue7_{stage}.png", dpi=110)
+    fig.savefig(IMG / f"dsbp_claims_{stage}.png", dpi=110)
     plt.close(fig)
     if any(r["hessian"] is not None for rs in runs.values() for r in rs):
         fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
@@ -176,14 +177,14 @@ def stage_table(stage: str, lines: list[str]) -> dict[str, list[dict]]:
         ax.set(xlabel="training wall-clock s (shared 2-core CPU)", ylabel="test acc %",
                title=f"{stage}: accuracy against wall-clock")
         ax.legend(fontsize=7)
-        fig.savefig(IMG / f"issue7_{stage}_wallclock.png", dpi=110)
+        fig.savefig(IMG / f"dsbp_claims_{stage}_wallclock.png", dpi=110)
         plt.close(fig)
     return runs
 
 
 # ------------------------------------------------------------------------ robustness, targets
 def robustness(lines: list[str]) -> dict[str, dict[str, list[dict]]]:
-    """Merge ``results/issue7/robustness/<stage>*.json`` into one table per stage."""
+    """Merge ``results/dsbp_claims_cpu/robustness/<stage>*.json`` into one table per stage."""
     merged: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for path in sorted((RES / "robustness").glob("*.json")):
         for r in json.loads(path.read_text()):
@@ -254,7 +255,7 @@ def targets(lines: list[str], rob: dict) -> None:
                          f"{fmt(hs[TUNED], 1, 2)} vs SGD {fmt(hs['sgd'], 1, 2)}"
                          f" ({extra}) | {'yes' if lo else 'no'} |")
     if timing:
-        lines += ["\n### Interleaved step timing (`scripts/issue7_timing.py`)\n",
+        lines += ["\n### Interleaved step timing (`scripts/dsbp_claims_timing.py`)\n",
                   "| data set | method | wall ms/step | x SGD | CPU ms/step | x SGD |",
                   "|---|---|---|---|---|---|"]
         for ds, tm in timing.items():
@@ -267,7 +268,7 @@ def targets(lines: list[str], rob: dict) -> None:
 def main() -> int:
     IMG.mkdir(parents=True, exist_ok=True)
     lines = [f"# Issue 7 tables ({LABEL})", "",
-             "Generated by `scripts/issue7_analyze.py` from `results/issue7/`."]
+             "Generated by `scripts/dsbp_claims_analyze.py` from `results/dsbp_claims_cpu/`."]
     diagnostics(lines)
     for path in sorted((RES / "robustness").glob("*.json")):
         for r in json.loads(path.read_text()):

@@ -2,12 +2,12 @@
 
 Each configuration is one ``dsbp bench`` invocation (so every number in the report comes from
 the harness, with its run directories, results.csv and report.md) into
-``results/issue7/<stage>/<name>``. Shards let two workers share the list on a 2-core CPU.
+``results/dsbp_claims_cpu/<stage>/<name>``. Shards let two workers share the list on a 2-core CPU.
 
 Usage::
 
-    python scripts/issue7_sweep.py select_fm --shard 0/2
-    python scripts/issue7_sweep.py final_fm --shard 1/2
+    python scripts/dsbp_claims_sweep.py select_fm --shard 0/2
+    python scripts/dsbp_claims_sweep.py final_fm --shard 1/2
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> int:
     i, n = (int(v) for v in args.shard.split("/"))
     stage_dir = args.stage.split(":")[0]
     for name in names[i::n]:
-        out = ROOT / "results" / "issue7" / stage_dir / name
+        out = ROOT / "results" / "dsbp_claims_cpu" / stage_dir / name
         if (out / "results.csv").exists():
             print(f"skip {name} (done)", flush=True)
             continue

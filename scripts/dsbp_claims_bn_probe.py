@@ -29,8 +29,8 @@ harness's ``val_split``, disjoint from the training images), it records:
 DSBP's capture hooks run only in train mode with grad enabled, so the no-grad passes above
 feed nothing to the projector.
 
-    .venv/bin/python scripts/issue7_bn_probe.py --seed 0 --steps 300 --width 0.25 \
-        --out results/issue7_bn_probe
+    .venv/bin/python scripts/dsbp_claims_bn_probe.py --seed 0 --steps 300 --width 0.25 \
+        --out results/dsbp_claims_bn_probe
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def main() -> None:
     ap.add_argument("--recal-batches", type=int, default=4)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="results/issue7_bn_probe")
+    ap.add_argument("--out", default="results/dsbp_claims_bn_probe")
     ap.add_argument("--plot", action="store_true",
                     help="only merge the probe_seed*.json in --out into probe.json and plot")
     args = ap.parse_args()

@@ -4,7 +4,7 @@ and the rank ``k_active`` that ``energy`` = 0.9 / 0.99 selects under a cap of 64
 
 Usage::
 
-    python scripts/issue7_energy_rank.py > results/issue7/energy_rank.txt
+    python scripts/dsbp_claims_energy_rank.py > results/dsbp_claims_cpu/energy_rank.txt
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 # ResNet-18 grid (CIFAR-10 and Fashion-MNIST, 3 seeds), then robustness and end-of-training
 # sharpness of every finished run. Stages run in the order given:
 #
-#   bash scripts/gpu_issue67.sh env bench6 start7 tests until:560 pack      # batch 1
-#   bash scripts/gpu_issue67.sh wait:300 robust7 pack
-#   BATCH=b2 SKIP_MEM=1 bash scripts/gpu_issue67.sh env tests_cuda bench6 start7b tests_bg \
+#   bash scripts/gpu_dsbp_claims.sh env bench6 start7 tests until:560 pack      # batch 1
+#   bash scripts/gpu_dsbp_claims.sh wait:300 robust7 pack
+#   BATCH=b2 SKIP_MEM=1 bash scripts/gpu_dsbp_claims.sh env tests_cuda bench6 start7b tests_bg \
 #     until:420 robust7b pack                                            # batch 2
 #
 # Data: DSBP_DATA (default .carry/data, holding cifar10_jpeg.npz and fashion_mnist.npz).
@@ -64,7 +64,7 @@ worker() {  # worker DATASET SEED BATCH: every configuration of one (data set, s
     # shellcheck disable=SC2046
     $PY -m dsbp.cli bench --datasets "$ds" "${COMMON[@]}" $(flags_of "$c") "${EXTRA_ARGS[@]}" \
       --seeds 1 --first-seed "$seed" --resume --label "issue 7 GPU: $c" \
-      --out "$W/issue7/$short/$c" >>"$W/logs/train_${short}_s${seed}.log" 2>&1 \
+      --out "$W/dsbp_claims/$short/$c" >>"$W/logs/train_${short}_s${seed}.log" 2>&1 \
       || echo "FAILED $ds $c seed $seed" >>"$W/logs/failures.log"
   done
   touch "$W/logs/done_${batch}_${short}_s${seed}"
@@ -102,7 +102,7 @@ torch.version.cuda, torch.cuda.get_device_name())"; git log -1 --format=%H; npro
           setsid bash "$0" _worker "$ds" "$seed" "$batch" </dev/null >/dev/null 2>&1 &
         done
       done
-      sleep 2; echo "started $(pgrep -fc 'gpu_issue67.sh _worker') workers" ;;
+      sleep 2; echo "started $(pgrep -fc 'gpu_dsbp_claims.sh _worker') workers" ;;
     tests_bg)  # the whole suite on the GPU machine, in the background (CPU cores only)
       setsid bash -c "timeout 400 $PY -m pytest -q -n 6 -p no:cacheprovider tests \
         >'$W/logs/tests.log' 2>&1" </dev/null >/dev/null 2>&1 &
@@ -119,12 +119,12 @@ torch.version.cuda, torch.cuda.get_device_name())"; git log -1 --format=%H; npro
       done
       echo "waited $((SECONDS - t0)) s; done: $(ls "$W"/logs/done_"${BATCH:-b1}"_* 2>/dev/null \
         | wc -l)/6"
-      find "$W/issue7" -name result.json | sed "s|$W/issue7/||" | sort
+      find "$W/dsbp_claims" -name result.json | sed "s|$W/dsbp_claims/||" | sort
       cat "$W/logs/failures.log" 2>/dev/null
       tail -n 3 "$W"/logs/train_*.log ;;
     robust7)
       for s in c10 fm; do  # the two data sets in parallel
-        $PY scripts/issue7_robustness.py "$W/issue7/$s" --device "${DEVICE:-cuda}" \
+        $PY scripts/dsbp_claims_robustness.py "$W/dsbp_claims/$s" --device "${DEVICE:-cuda}" \
           --n-test "${NTEST:-2000}" --title "GPU, ResNet-18, full data" --out "$W/robustness" \
           >"$W/logs/robust_$s.log" 2>&1 || echo "robustness $s failed" &
       done
@@ -133,7 +133,7 @@ torch.version.cuda, torch.cuda.get_device_name())"; git log -1 --format=%H; npro
     robust7b)  # batch 2: one process per (data set, configuration), all in parallel
       for s in c10 fm; do
         for c in "${CONFIGS_B2[@]}"; do
-          $PY scripts/issue7_robustness.py "$W/issue7/$s" --only "$c" --tag "$c" \
+          $PY scripts/dsbp_claims_robustness.py "$W/dsbp_claims/$s" --only "$c" --tag "$c" \
             --device "${DEVICE:-cuda}" --n-test "${NTEST:-2000}" \
             --title "GPU, ResNet-18, full data" --out "$W/robustness_b2" \
             >"$W/logs/robust_b2_${s}_$c.log" 2>&1 || echo "robustness $s $c failed" &
