@@ -299,9 +299,67 @@ def accuracy(args: argparse.Namespace) -> dict:
     return res
 
 
+def step_flops(kind: str, n: int, d: int, k: int, d_in: int = 784, classes: int = 10) -> int:
+    """Matmul flops of one training step of ``mlp(d_in, d)`` (elementwise work ignored)."""
+    shapes = [(d, d_in), (d, d)]  # hidden (d_out, d_in); the first needs no input gradient
+    f = 6 * n * d * classes  # classifier: forward, input and weight gradients
+    for i, (o, m) in enumerate(shapes):
+        f += 2 * n * o * m + (2 * n * o * m if i else 0)  # forward, input gradient
+        if kind in ("sgd", "project_after"):
+            f += 2 * n * o * m + (4 * k * o * m if kind == "project_after" else 0)
+        else:  # lowrank: thin products + expansion; coords: thin products + addmm update
+            f += 2 * n * k * (o + m) + 2 * k * o * m
+    return f
+
+
+def render(args: argparse.Namespace) -> str:
+    """Store model flop ratios in the speed JSON; print the Markdown tables of both parts."""
+    lines = []
+    sp = RESULTS / (args.out or "lowrank_backward_speed_cpu.json")
+    if sp.exists():
+        res = json.loads(sp.read_text())
+        lines += ["| d | batch n | SGD step (ms, median) | low-rank k = d/32 | k = d/16 | "
+                  "k = d/8 | project after backward, k = d/16 | coordinates, k = d/16 | "
+                  "matmul flops, low-rank k = d/16 / SGD | basis refresh at p = 100 |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in res["configs"]:
+            d, n = c["d"], c["n"]
+            for name, a in c["arms"].items():
+                k = int(name.rsplit("_k", 1)[1]) if "_k" in name else 1
+                a["flops_ratio_to_sgd"] = step_flops(a["kind"], n, d, k) / step_flops(
+                    "sgd", n, d, 1)
+            ar = c["arms"]
+
+            def r(name: str, ar: dict = ar) -> str:
+                return f"{ar[name]['ratio_to_sgd']['median']:.2f}x"
+
+            lines.append(
+                f"| {d} | {n} | {1e3 * c['sgd_step_s']['median']:.1f} | {r(f'lowrank_k{d // 32}')}"
+                f" | {r(f'lowrank_k{d // 16}')} | {r(f'lowrank_k{d // 8}')} | "
+                f"{r(f'project_after_k{d // 16}')} | {r(f'coords_k{d // 16}')} | "
+                f"{ar[f'lowrank_k{d // 16}']['flops_ratio_to_sgd']:.2f} | "
+                f"{100 * c['refresh_at_p100']:.2f}% |")
+        sp.write_text(json.dumps(res, indent=2) + "\n")
+        lines.append("")
+    ap_ = RESULTS / "lowrank_backward_accuracy_fmnist.json"
+    if ap_.exists():
+        acc = json.loads(ap_.read_text())
+        if "summary" in acc:
+            lines += ["| arm | k | test accuracy, mean (sd) | per seed |", "|---|---|---|---|"]
+            for row in acc["summary"].values():
+                row["mean_pct"], row["std_pct"] = 100 * row["mean"], 100 * row["std"]
+                per = ", ".join(f"{100 * v:.2f}%" for v in row["runs"])
+                lines.append(f"| {'SGD' if row['k'] is None else 'low-rank backward'} | "
+                             f"{row['k'] or '-'} | {row['mean_pct']:.2f}% ({row['std_pct']:.2f}%)"
+                             f" | {per} |")
+            ap_.write_text(json.dumps(acc, indent=2) + "\n")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=("speed", "accuracy"))
+    ap.add_argument("part", choices=("speed", "accuracy", "render"),
+                    help="render: measure nothing; store derived numbers and print tables")
     ap.add_argument("--widths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--rounds", type=int, default=8)
@@ -314,6 +372,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.part == "render":
+        print(render(args))
+        return {}
     return speed(args) if args.part == "speed" else accuracy(args)
 
 

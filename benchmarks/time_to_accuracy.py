@@ -290,6 +290,7 @@ def analyse(task_res: dict) -> dict:
     sgd_budget = statistics.mean(r["curve"][-1]["ratio_time_s"] for r in runs
                                  if r["method"] == "sgd")
     out: dict[str, Any] = {"sgd_final_mean": sgd_final, "targets": targets,
+                           "targets_pct": {k: 100 * v for k, v in targets.items()},
                            "equal_time_budget_s": sgd_budget, "methods": {}}
     for m in METHODS:
         mr = [r for r in runs if r["method"] == m]
@@ -303,6 +304,8 @@ def analyse(task_res: dict) -> dict:
             "final_test_acc_std": statistics.stdev([r["final_test_acc"] for r in mr])
             if len(mr) > 1 else 0.0,
         }
+        row["final_test_acc_mean_pct"] = 100 * row["final_test_acc_mean"]
+        row["final_test_acc_std_pct"] = 100 * row["final_test_acc_std"]
         for name, tgt in targets.items():
             for key in ("step", "ratio_time_s", "wall_s"):
                 hits = [first_reach(r["curve"], key, tgt) for r in mr]
@@ -314,9 +317,48 @@ def analyse(task_res: dict) -> dict:
         for frac in (0.5, 1.0):
             accs = [acc_at(r["curve"], "ratio_time_s", frac * sgd_budget) for r in mr]
             row[f"acc_at_{frac:g}x_sgd_time_mean"] = statistics.mean(accs)
+            row[f"acc_at_{frac:g}x_sgd_time_mean_pct"] = 100 * statistics.mean(accs)
             row[f"acc_at_{frac:g}x_sgd_time"] = accs
         out["methods"][m] = row
     return out
+
+
+def _fmt(v: float | None, nd: int = 1) -> str:
+    return "not reached" if v is None else f"{v:.{nd}f}"
+
+
+def render(res: dict) -> str:
+    """Markdown tables of the analysis (every number stored in the JSON)."""
+    lines = []
+    for tname, tr in res["tasks"].items():
+        a = tr.get("analysis")
+        if a is None:
+            continue
+        t = tr["task"]
+        tg = a["targets_pct"]
+        lines += [f"**{tname}** ({t['dataset']}, {t['model']} {t['model_kwargs']}, "
+                  f"{t['subset']} training images, {t['epochs']} epochs, batch {t['batch']}; "
+                  f"SGD's final mean {100 * a['sgd_final_mean']:.2f}%; targets "
+                  f"{tg['0.97']:.2f}% and {tg['0.99']:.2f}%; SGD step "
+                  f"{1e3 * tr['timing']['sgd_step_s']:.1f} ms in the timing run)", "",
+                  "| method | lr (chosen on validation) | step / SGD (interleaved) | "
+                  "final test acc, mean (sd) | to 0.97 target: steps / ratio-time s / raw s "
+                  "(median) | to 0.99 target: steps / ratio-time s / raw s (median) | "
+                  "reached 0.99 | acc at 0.5x SGD's time | acc at 1x SGD's time |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for m, row in a["methods"].items():
+            acc = f"{row['final_test_acc_mean_pct']:.2f}% ({row['final_test_acc_std_pct']:.2f}%)"
+            cells = [m, f"`{row['lr']:g}`", f"{row['step_ratio']:.2f}x", acc]
+            for name in ("0.97", "0.99"):
+                st = row[f"to_{name}_step_median"]
+                cells.append("not reached by every seed" if st is None else
+                             f"{st:.0f} / {_fmt(row[f'to_{name}_ratio_time_s_median'])} / "
+                             f"{_fmt(row[f'to_{name}_wall_s_median'])}")
+            cells += [row["to_0.99_reached"], f"{row['acc_at_0.5x_sgd_time_mean_pct']:.2f}%",
+                      f"{row['acc_at_1x_sgd_time_mean_pct']:.2f}%"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -369,9 +411,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny budget, one seed")
     ap.add_argument("--resume", action="store_true", help="reuse runs in the partial JSON")
     ap.add_argument("--out", default="time_to_accuracy_cpu.json")
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: recompute the analysis and plot from the JSON, "
+                    "store them, print the Markdown tables")
     ap.add_argument("--plot", default=str(Path("docs") / "img" / "time_to_accuracy_cpu.png"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.render:
+        res = json.loads((RESULTS / args.out).read_text())
+        for tr in res["tasks"].values():
+            if "timing" in tr and any(r["method"] == "sgd" for r in tr["runs"]):
+                tr["analysis"] = analyse(tr)
+        if args.plot:
+            plot(res, Path(args.plot))
+        write_json(args.out, res)
+        print(render(res))
+        return res
     tasks = {k: copy.deepcopy(TASKS[k]) for k in args.tasks}
     if args.quick:
         for t in tasks.values():
