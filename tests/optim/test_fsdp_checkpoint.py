@@ -5,8 +5,7 @@ steps: bit-identical weights and bases to the uninterrupted 5-step run on the sa
 2 and 4 refresh, so the resumed run refreshes from the restored bases and step counter). Then a
 different world size: the 2-rank checkpoint loaded by one process without a process group (DCP
 reshards the FSDP2 shards into whole tensors) continues like the 2-rank run within fp32
-round-off. Under DDP and, once the projector takes a communicator, FSDP2 (fully_shard per layer
-and at the root).
+round-off. Under DDP and FSDP2 (fully_shard per layer and at the root).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from fsdp_models import LOCAL, STEPS, WORLD, Net, data, shard
 from dsbp import DSBP
 from dsbp.core.subspace import principal_angles
 from dsbp.optim.comm import is_dtensor
-from dsbp.optim.distributed import launch, load_checkpoint, projector_takes_comm, save_checkpoint
+from dsbp.optim.distributed import launch, load_checkpoint, save_checkpoint
 
 SPLIT = 3  # steps before the checkpoint
 LAYOUTS = ("ddp", "fsdp2")
@@ -89,8 +88,6 @@ def _rank_fn(rank, world, out_dir, layout):
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_dcp_checkpoint_resumes_identically_and_on_another_world_size(tmp_path, layout):
-    if layout == "fsdp2" and not projector_takes_comm():
-        pytest.skip("FSDP2 needs the communicator-based SpectralProjector (comm=)")
     launch(_rank_fn, WORLD, args=(str(tmp_path), layout), backend="gloo")
     r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(WORLD)]
     for k, v in r[0]["straight"].items():

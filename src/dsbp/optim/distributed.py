@@ -47,7 +47,6 @@ for tests, examples and ``dsbp bench --nproc``. Under ``torchrun`` no launcher i
 
 from __future__ import annotations
 
-import inspect
 import io
 import math
 import os
@@ -59,16 +58,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsbp.core.covariance import covariance, trace_of_covariance
-from dsbp.core.eigen import block_power_iteration, top_eigh
-from dsbp.layers.state import LayerState
 from dsbp.optim.comm import Communicator, is_dtensor
 from dsbp.optim.dsbp import DSBP
 from dsbp.optim.projector import SpectralProjector
 
 __all__ = ["CommStats", "DistributedDSBP", "DistributedSpectralProjector",
            "ProcessGroupCommunicator", "free_port", "launch", "load_checkpoint",
-           "projector_takes_comm", "save_checkpoint"]
+           "save_checkpoint"]
 
 
 class CommStats:
@@ -230,84 +226,19 @@ class ProcessGroupCommunicator(Communicator):
                 f"weights={layout[self.sharded]})")
 
 
-def projector_takes_comm(cls: type = SpectralProjector) -> bool:
-    """Whether projector class ``cls`` accepts a ``comm=`` distribution policy."""
-    return "comm" in inspect.signature(cls).parameters
-
-
 class DistributedSpectralProjector(SpectralProjector):
-    """Legacy DDP projector, used only while :class:`~dsbp.SpectralProjector` has no ``comm=``
-    argument (it then overrides the refresh's private steps; the communicator-based projector
-    replaces it). Bases of the global (all-rank) batch, bit-identical on every rank; DDP only.
-
-    Args:
-        model: the network (or its ``DistributedDataParallel`` wrapper).
-        *args, **kwargs: as for :class:`~dsbp.SpectralProjector`; ``max_rows`` is the *global*
-            row budget, split evenly across ranks.
-        process_group: the group to synchronise over (default: the world group).
+    """A :class:`~dsbp.SpectralProjector` with ``comm=ProcessGroupCommunicator(process_group)``:
+    for driving your own optimizer under DDP or FSDP2 (and what ``SubspaceAdam(...,
+    distributed=True)`` builds). Same arguments as the projector, plus ``process_group``;
+    ``max_rows`` is the global row budget.
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
-        TypeError: the model's weights are FSDP2 DTensors (this legacy path cannot shard).
     """
 
-    def __init__(self, model: nn.Module, *args: Any, process_group=None, **kwargs: Any) -> None:
-        self.comm = ProcessGroupCommunicator(process_group)
-        super().__init__(model, *args, **kwargs)
-        self.comm.check_params(self.layer_state(n).module.weight  # type: ignore[misc]
-                               for n in self.layer_names())
-        if self.comm.sharded:
-            raise TypeError("FSDP2 (DTensor) weights need the communicator-based projector, "
-                            "which this dsbp version's SpectralProjector does not have yet")
-        self.group = process_group
-        self.world_size = self.comm.world_size
-        self.global_max_rows = self.max_rows
-        self.max_rows = self.comm.row_budget(self.global_max_rows)
-
-    def _eigensolve(self, st: LayerState, A: torch.Tensor, b: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        def matvec(V: torch.Tensor) -> torch.Tensor:
-            return self.comm.all_reduce_sum(A.T @ (A @ V))  # (d, b): the O(k d) message
-
-        d = A.shape[1]
-        if st.block is not None and st.block.shape == (d, b):
-            return block_power_iteration(matvec, st.block.to(A.dtype), self.power_iters)
-        if d <= self.exact_threshold:
-            return top_eigh(self.comm.all_reduce_sum(covariance(A)), b)
-        V0 = torch.randn(d, b, generator=self._generator(st, 0), dtype=A.dtype).to(A.device)
-        return block_power_iteration(matvec, V0, self.cold_iters)
-
-    def _checked_trace(self, st: LayerState, A: torch.Tensor, grad: torch.Tensor | None
-                       ) -> torch.Tensor | None:
-        flags = torch.stack([
-            torch.tensor(float(A.shape[0] == 0), device=A.device, dtype=torch.float64),
-            (~torch.isfinite(A)).sum().to(torch.float64),
-            (torch.zeros((), device=A.device) if grad is None
-             else (~torch.isfinite(grad)).sum()).to(torch.float64),
-            trace_of_covariance(A).to(torch.float64),
-        ])
-        missing, bad_a, bad_g, tr = self.comm.all_reduce_sum(flags).tolist()
-        if missing > 0:
-            self._warn(st, "refresh due but some rank captured no activations (was the "
-                       "forward pass run in train mode with grad enabled?); keeping the old basis")
-            return None
-        if bad_a > 0:
-            self._warn(st, "non-finite activations on some rank; refresh skipped, old basis kept")
-            return None
-        if bad_g > 0:
-            self._warn(st, "non-finite gradient; refresh skipped, old basis kept")
-            return None
-        if not tr > 0:
-            self._warn(st, "all captured activations are zero; refresh skipped")
-            return None
-        return torch.tensor(tr, dtype=self.eig_dtype, device=A.device)
-
-    def _commit(self, st: LayerState, V: torch.Tensor, evals: torch.Tensor, tr: torch.Tensor
-                ) -> None:
-        V, evals = V.contiguous(), evals.contiguous()
-        self.comm.broadcast_(V)
-        self.comm.broadcast_(evals)
-        super()._commit(st, V, evals, tr)
+    def __init__(self, model: nn.Module, *args: Any, process_group: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(model, *args, comm=ProcessGroupCommunicator(process_group), **kwargs)
 
 
 class DistributedDSBP(DSBP):
@@ -339,18 +270,13 @@ class DistributedDSBP(DSBP):
 
     def __init__(self, model: nn.Module, *args: Any, process_group=None,
                  projector_kwargs: dict | None = None, **kwargs: Any) -> None:
-        kw = dict(projector_kwargs or {})
-        if projector_takes_comm(self.projector_class):
-            kw["comm"] = ProcessGroupCommunicator(process_group)
-        else:  # until the projector takes a communicator: the legacy DDP subclass
-            self.projector_class = DistributedSpectralProjector
-            kw["process_group"] = process_group
-        kwargs["projector_kwargs"] = kw
+        kwargs["projector_kwargs"] = {**(projector_kwargs or {}),
+                                      "comm": ProcessGroupCommunicator(process_group)}
         super().__init__(model, *args, **kwargs)
 
     @property
     def comm(self) -> ProcessGroupCommunicator:
-        comm = getattr(self.projector, "comm")  # noqa: B009 (the legacy projector's attribute)
+        comm = self.projector.comm
         assert isinstance(comm, ProcessGroupCommunicator)
         return comm
 
