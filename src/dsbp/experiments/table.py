@@ -610,7 +610,10 @@ def _gap(vals: Sequence[float], claim: float | None) -> str:
 
 
 def _sub_row_name(dataset: str) -> str:
-    return ROW_NAMES.get(dataset, dataset)
+    """The paper's row name for one of our data set names (itself if the paper has none)."""
+    from dsbp.experiments.report import paper_dataset
+
+    return ROW_NAMES.get(dataset) or paper_dataset(parse_task(dataset)[0]) or dataset
 
 
 def report_lines(out: Path, rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -884,22 +887,30 @@ def gpu_estimate(spec: TableSpec, timings: str | Path,
                for k in ("base", "dsbp", "dsbp_refresh")}
     loader = loader or TaskLoader()
     lines, total = [], 0.0
+
+    def dsbp_cost(p: int) -> float:
+        return per_img["dsbp"] + (per_img["dsbp_refresh"] - per_img["dsbp"]) / p
+
+    # SGD + SAM (two steps) + two SGD-priced runs (pretraining / LoRA / full fine-tuning are
+    # one step each) and the two DSBP runs, per protocol
+    per_set = (per_img["base"] * 3 + dsbp_cost(int(spec.paper_dsbp["interval"]))
+               + dsbp_cost(int(spec.recommended["interval"])))
     for row in spec.rows:
-        ds = loader.task(row.task)
-        n = int(ds.y_train.shape[0]) if row.subset is None else row.subset
-        pix = (ds.x_train.shape[-1] / 32) ** 2
-        imgs = n * row.epochs * spec.seeds * pix
-        steps = math.ceil(n / spec.base.batch_size) * row.epochs
+        n = train_size(loader, row.task, row.subset)
+        n_src = train_size(loader, row.source, row.source_subset or row.subset)
+        n_tgt = train_size(loader, row.target, row.subset)
 
-        def dsbp_cost(p: int) -> float:
-            return per_img["dsbp"] + (per_img["dsbp_refresh"] - per_img["dsbp"]) / p
+        def pix(task: str) -> float:
+            return float((loader.task(task).x_train.shape[-1] / 32) ** 2)
 
-        row_s = imgs * (per_img["base"] * 2 + per_img["base"] * 2  # sgd, sam
-                        + dsbp_cost(int(spec.paper_dsbp["interval"]))
-                        + dsbp_cost(int(spec.recommended["interval"])))
-        row_s += imgs * (per_img["base"] * 3 + dsbp_cost(int(spec.paper_dsbp["interval"]))
-                         + dsbp_cost(int(spec.recommended["interval"])))  # transfer
-        lines.append({"dataset": row.dataset, "train_images": n, "steps_per_run": steps,
+        sup = n * row.epochs * pix(row.task)
+        src = n_src * (row.source_epochs or row.epochs) * pix(row.source)
+        tgt = n_tgt * row.epochs * pix(row.target)
+        # transfer: pretraining on the source, then LoRA, full and 2 DSBP fine-tunings
+        row_s = spec.seeds * (sup * per_set + src * per_img["base"]
+                              + tgt * (per_set - per_img["base"]))
+        lines.append({"dataset": row.dataset, "train_images": n,
+                      "steps_per_run": math.ceil(n / spec.base.batch_size) * row.epochs,
                       "hours": row_s / 3600})
         total += row_s
     return {"timings": str(timings), "device": data.get("env", {}).get("device"),
