@@ -17,7 +17,7 @@ from typing import IO, Any
 import torch
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then move it into place.
 
     Args:

@@ -101,14 +101,14 @@ def load_data(cfg: RunConfig, device: torch.device, dataset: Any | None = None) 
         x_te, y_te = balanced_subset(x_te, y_te, cfg.eval_subset, seed=0)
     # On a GPU, images go channels-last (NHWC), the layout cuDNN's tensor-core convolutions
     # want; the model is converted to match in run.py. [ours] Same numbers up to summation order.
-    common = {"device": device, "mean": ds.mean, "std": ds.std,
+    common: dict[str, Any] = {"device": device, "mean": ds.mean, "std": ds.std,
               "channels_last": device.type == "cuda" and x_tr.dim() == 4}
     train = DeviceLoader(x_tr, y_tr, cfg.batch_size, shuffle=True, augment=cfg.augment,
                          seed=cfg.seed, **common)
     # Evaluation batch size does not change results; larger batches are faster.
     test = DeviceLoader(x_te, y_te, max(cfg.batch_size, 500), shuffle=False, augment=False,
                         seed=0, **common)
-    val = None if x_va is None else DeviceLoader(
+    val = None if x_va is None or y_va is None else DeviceLoader(
         x_va, y_va, max(cfg.batch_size, 500), shuffle=False, augment=False, seed=0, **common)
     return RunData(train=train, test=test, in_channels=int(x_tr.shape[1]),
                    image_size=int(x_tr.shape[-1]), num_classes=len(ds.classes),

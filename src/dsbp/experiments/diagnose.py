@@ -173,11 +173,14 @@ def diagnose_run(
                            "batches": batches,
                            "examples": sum(int(y.shape[0]) for _, y in batch_list)}
     eig = dg.hessian_top_eigenvalues(model, loss_fn, batch_list, k=hessian_k, generator=gen)
+    assert not isinstance(eig, dict)  # per_layer=False: one estimate
     out["hessian_top_eigenvalues"] = eig.eigenvalues.tolist()
     tr = dg.hessian_trace(model, loss_fn, batch_list, trace_samples, generator=gen)
+    assert not isinstance(tr, dict)
     out["hessian_trace"] = {"mean": tr.mean, "stderr": tr.stderr, "n_samples": tr.n_samples}
     per_layer = dg.hessian_top_eigenvalues(model, loss_fn, batch_list, k=1, per_layer=True,
                                            iters=20, generator=gen)
+    assert isinstance(per_layer, dict)  # per_layer=True: one estimate per layer
     out["hessian_top_per_layer"] = [{"layer": n, "index": i, "top": float(e.eigenvalues[0])}
                                     for i, (n, e) in enumerate(per_layer.items())]
     spectra, strat = _activation_spectra(model, batch_list[0][0], rank, projector)

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -187,7 +187,8 @@ def train(
     Returns:
         ``Outcome("ok")``, or ``Outcome("diverged", message)`` after a non-finite loss.
     """
-    model, optimizer = method.model, method.optimizer
+    # Any: SAM's step takes a closure and a scaler, Dom/Bulk-SGD's a batch.
+    model, optimizer = method.model, cast(Any, method.optimizer)
     autocast = autocast_context(cfg.amp, device)
     steps_per_epoch = len(data.train)
     bar = None

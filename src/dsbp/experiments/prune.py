@@ -217,7 +217,7 @@ def prune_run(
         except ValueError as err:
             return skipped(f"{mode} failed at tau={tau}: {err}")
         new = new.to(dev)
-        row = {"tau": tau, "params": arch.count_params(new), "flops": flops_of(new),
+        row: dict[str, Any] = {"tau": tau, "params": arch.count_params(new), "flops": flops_of(new),
                "latency_s": latency_of(new), "layers_changed": changed,
                "layers": {k: {kk: vv for kk, vv in v.items() if kk != "kept"}
                           for k, v in info.items()}}

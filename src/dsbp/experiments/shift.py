@@ -379,7 +379,8 @@ def shift_section(out: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
         groups.setdefault(key, {}).setdefault(r["tta"], []).append(r["test_acc"])
         counts.setdefault(key, set()).add(r["run"])
     shown_clean: set[tuple] = set()
-    shifted: dict[tuple, dict[str, list[float]]] = {}  # per run: mean over shifted streams
+    # per run: mean over shifted streams
+    shifted: dict[tuple, dict[str, dict[str, list[float]]]] = {}
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[4] > 0, KINDS.index(k[3]),
                                              k[4])):
         g = groups[key]

@@ -100,6 +100,7 @@ def _hessian(cfg: RunConfig) -> Tracker:
         # A fixed generator: the estimate must not consume the run's global RNG (resume).
         eig = hessian_top_eigenvalues(model, loss_fn, batches, k=1,
                                       generator=torch.Generator().manual_seed(0))
+        assert not isinstance(eig, dict)  # per_layer=False: one estimate
         return {"top_eigenvalue": float(eig.eigenvalues[0])}
 
     return track
