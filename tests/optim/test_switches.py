@@ -29,7 +29,7 @@ def _grads(model, x, y):
 
 
 @pytest.mark.parametrize("side", ["output", "input"])
-@pytest.mark.parametrize("path", ["fast", "loop"])
+@pytest.mark.parametrize("path", ["stacked", "loop"])
 @pytest.mark.parametrize("residual,rescale", [(0.3, False), (0.0, True), (0.25, True)])
 def test_residual_and_rescale_closed_form(side, path, residual, rescale):
     torch.manual_seed(0)
@@ -37,8 +37,8 @@ def test_residual_and_rescale_closed_form(side, path, residual, rescale):
     x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
     beta = 0.2
     proj = SpectralProjector(model, rank=3, interval=50, side=side, sharpness=beta,
-                             residual=residual, rescale=rescale, eig_dtype=torch.float64)
-    proj._batched = path == "fast"
+                             residual=residual, rescale=rescale, eig_dtype=torch.float64,
+                             path=path)
     G = _grads(model, x, y)
     proj.project_()
     for name, m in model.named_modules():

@@ -42,26 +42,169 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsbp.core.covariance import covariance, gram_matvec, subsample_rows, trace_of_covariance
-from dsbp.core.eigen import block_power_iteration, top_eigh
+from dsbp.core.covariance import covariance, gram_matvec, trace_of_covariance
+from dsbp.core.eigen import block_power_iteration
 from dsbp.core.subspace import drift
 from dsbp.layers import adapters
-from dsbp.layers.state import LayerState
+from dsbp.layers.state import ParamState
 from dsbp.optim.dsbp import DSBP
-from dsbp.optim.projector import SpectralProjector
+from dsbp.optim.projector import CovarianceEstimator, Operator, RefreshPolicy, SpectralProjector
 
 __all__ = [
     "TENT",
     "AdaptiveDSBP",
     "AdaptiveSpectralProjector",
+    "DriftPolicy",
+    "EMACovariance",
     "SpectralTTA",
     "entropy",
     "shift_benchmark",
 ]
 
 
+class EMACovariance(CovarianceEstimator):
+    """The EMA of the per-row covariance (module docstring), as a projector's estimator.
+
+    Its operator is in the units of the batch's ``A^T A`` (``n`` times the per-row EMA), so the
+    eigenvalues and trace a refresh stores keep their usual meaning and ``lambda_1 / trace``
+    stays a ratio of EMA quantities. Not batchable: each weight refreshes on its own.
+    """
+
+    batchable = False
+
+    def __init__(self, rho: float, dense_max: int) -> None:
+        self.rho, self.dense_max = rho, int(dense_max)
+        self.cov: dict[str, torch.Tensor] = {}  # dense EMA covariance (per row), small d only
+        self.trace: dict[str, torch.Tensor] = {}  # EMA of trace(C_b)
+        self.rows_used: dict[str, int] = {}
+        self._restart: set[str] = set()  # weights whose next refresh restarts the EMA
+
+    def restart(self, name: str) -> None:
+        """The next refresh of weight ``name`` starts the EMA afresh (a change point)."""
+        self._restart.add(name)
+
+    def operator(self, proj: SpectralProjector, st: ParamState, A: torch.Tensor) -> Operator:
+        n, d = A.shape
+        name = st.name
+        fresh = name in self._restart or st.block is None or self.rho == 0.0
+        self._restart.discard(name)
+        tr_b = trace_of_covariance(A) / n
+        rho = self.rho
+        if d <= self.dense_max:
+            Cb = covariance(A) / n
+            prev = self.cov.get(name)
+            C = Cb if fresh or prev is None else rho * prev.to(Cb) + (1 - rho) * Cb
+            self.cov[name] = C
+            tr = torch.diagonal(C).sum()
+            op = Operator(lambda X: n * (C @ X), lambda: n * C, n * tr)
+        else:
+            used = self.rows_used.get(name)
+            if fresh or used is None or not proj.is_warm(st) or st.eigenvalues is None:
+                tr = tr_b
+                op = Operator(gram_matvec(A), lambda: covariance(A), n * tr)
+            else:  # the old EMA in the low-rank form of the last solve
+                assert st.block is not None
+                Vo = st.block.to(A)
+                lam = (st.eigenvalues / used).to(A).clamp(min=0)
+                tr = rho * self.trace.get(name, tr_b) + (1 - rho) * tr_b
+
+                def matvec(X: torch.Tensor) -> torch.Tensor:
+                    return n * rho * (Vo @ (lam[:, None] * (Vo.T @ X))) + (1 - rho) * (
+                        A.T @ (A @ X))
+
+                op = Operator(matvec, lambda: matvec(torch.eye(d, dtype=A.dtype,
+                                                               device=A.device)), n * tr)
+        self.trace[name], self.rows_used[name] = tr, n
+        return op
+
+    def state_dict(self) -> dict:
+        return {"cov": dict(self.cov), "trace": dict(self.trace),
+                "rows_used": dict(self.rows_used)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.cov = {n: t.detach().clone() for n, t in state.get("cov", {}).items()}
+        self.trace = {n: t.detach().clone() for n, t in state.get("trace", {}).items()}
+        self.rows_used = {n: int(v) for n, v in state.get("rows_used", {}).items()}
+
+
+class DriftPolicy(RefreshPolicy):
+    """Drift probes between refreshes, early refreshes on drift, an adaptive interval.
+
+    See :class:`AdaptiveSpectralProjector` for the arguments. ``history`` lists one
+    ``{"step", "layer", "event", "drift", "interval"}`` dict per probe and refresh (``event`` in
+    ``probe``, ``refresh``, ``early``).
+    """
+
+    def __init__(self, tau: float, p_min: int, p_max: int, grow: float, probe_every: int,
+                 probe_iters: int, estimator: EMACovariance | None = None,
+                 refresh_without_grad: bool = False) -> None:
+        self.tau, self.p_min, self.p_max, self.grow = tau, p_min, p_max, grow
+        self.probe_every, self.probe_iters = probe_every, probe_iters
+        self.estimator = estimator
+        self.refresh_without_grad = refresh_without_grad
+        self.last_probe: dict[str, int] = {}
+        self.history: list[dict] = []
+
+    def _probe_due(self, proj: SpectralProjector, st: ParamState) -> bool:
+        if st.block is None or st.due(proj.step):
+            return False
+        since = proj.step - max(st.last_refresh, self.last_probe.get(st.name, -1))
+        return since >= self.probe_every
+
+    def wants_rows(self, proj: SpectralProjector, st: ParamState) -> bool:
+        """Capture on refresh steps and on probe steps."""
+        return st.due(proj.step) or self._probe_due(proj, st)
+
+    def _log(self, proj: SpectralProjector, st: ParamState, event: str,
+             delta: float | None) -> None:
+        self.history.append({"step": proj.step, "layer": st.name, "event": event,
+                             "drift": delta, "interval": st.interval})
+
+    def between_refreshes(self, proj: SpectralProjector, st: ParamState,
+                          A: torch.Tensor) -> bool:
+        """A probe: a few power iterations on this batch alone; refresh early on drift."""
+        self.last_probe[st.name] = proj.step
+        if not bool(torch.isfinite(A).all()) or float(trace_of_covariance(A)) <= 0:
+            return False
+        assert st.block is not None
+        k = st.k
+        _, V = block_power_iteration(gram_matvec(A), st.block.to(A.dtype), self.probe_iters)
+        delta = float(drift(st.block[:, :k].to(V), V[:, :k]))
+        if delta <= self.tau:
+            self._log(proj, st, "probe", delta)
+            return False
+        self._log(proj, st, "early", delta)
+        if self.estimator is not None:
+            self.estimator.restart(st.name)
+        return True
+
+    def after_refresh(self, proj: SpectralProjector, st: ParamState,
+                      old_block: torch.Tensor | None, early: bool) -> None:
+        assert st.block is not None
+        if early:  # the probe logged it; a drifting weight refreshes more often
+            st.interval = max(self.p_min, int(st.interval / self.grow))
+            return
+        if old_block is not None and old_block.shape == st.block.shape:
+            k = st.k
+            delta = float(drift(old_block[:, :k].to(st.block), st.block[:, :k]))
+            if delta > self.tau:
+                st.interval = max(self.p_min, int(st.interval / self.grow))
+            else:
+                st.interval = min(self.p_max, int(round(st.interval * self.grow)))
+            self._log(proj, st, "refresh", delta)
+        else:
+            self._log(proj, st, "refresh", None)
+
+    def state_dict(self) -> dict:
+        return {"last_probe": dict(self.last_probe)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.last_probe = {n: int(v) for n, v in state.get("last_probe", {}).items()}
+
+
 class AdaptiveSpectralProjector(SpectralProjector):
-    """SpectralProjector with an EMA covariance, drift probes and an adaptive interval.
+    """A SpectralProjector with an :class:`EMACovariance` estimator and a :class:`DriftPolicy`
+    (composition: this class only wires its arguments into those two objects).
 
     Args:
         model, rank, *args: as for :class:`~dsbp.SpectralProjector` (then power_iters, side,
@@ -77,13 +220,12 @@ class AdaptiveSpectralProjector(SpectralProjector):
             refreshes.
         probe_iters: power iterations of a probe (default 2).
         ema_dense_max: keep the d x d EMA covariance only when d <= this (default 512).
-        refresh_without_grad: refresh layers whose weight has no gradient (frozen weights, as
-            in test-time adaptation of norm layers only); the parent skips them. Default False.
+        refresh_without_grad: refresh weights that have no gradient (frozen weights, as in
+            test-time adaptation of norm layers only); by default they wait. Default False.
         **kwargs: the parent's keyword-only arguments (``oversample``, ``seed``, ...).
 
     Attributes:
-        history: list of ``{"step", "layer", "event", "drift", "interval"}`` dicts, one per
-            probe and refresh (``event`` in ``probe``, ``refresh``, ``early``), for diagnostics.
+        history: the policy's probe and refresh log (see :class:`DriftPolicy`).
     """
 
     def __init__(
@@ -103,7 +245,6 @@ class AdaptiveSpectralProjector(SpectralProjector):
         refresh_without_grad: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.refresh_without_grad = bool(refresh_without_grad)
         rho, tau, grow = float(rho), float(tau), float(grow)
         if not 0.0 <= rho < 1.0:
             raise ValueError(f"rho must be in [0, 1), got {rho}")
@@ -119,193 +260,31 @@ class AdaptiveSpectralProjector(SpectralProjector):
         probe_every = p_min if probe_every is None else probe_every
         if isinstance(probe_every, bool) or not isinstance(probe_every, int) or probe_every < 1:
             raise ValueError(f"probe_every must be a positive integer, got {probe_every!r}")
-        self.rho, self.tau, self.grow = rho, tau, grow
-        self.p_min, self.p_max = p_min, p_max
-        self.probe_every, self.probe_iters = probe_every, probe_iters
-        self.ema_dense_max = int(ema_dense_max)
-        self._cov: dict[str, torch.Tensor] = {}  # dense EMA covariance (per row), small d only
-        self._tr: dict[str, torch.Tensor] = {}  # EMA of trace(C_b)
-        self._last_probe: dict[str, int] = {}
-        self._reset: set[str] = set()  # layers whose next refresh restarts the EMA
-        self._lam: dict[str, torch.Tensor] = {}  # per-row Ritz values of the last solve
-        self._rows_used: dict[str, int] = {}
-        self._fresh_now = False
-        self.history: list[dict] = []
+        for taken in ("estimator", "policy"):
+            if taken in kwargs:
+                raise ValueError(f"AdaptiveSpectralProjector sets its own {taken}")
+        self.ema = EMACovariance(rho, ema_dense_max)
+        self.drift_policy = DriftPolicy(tau, p_min, p_max, grow, probe_every, probe_iters,
+                                        self.ema, bool(refresh_without_grad))
         interval = min(max(int(interval), p_min), p_max)
-        super().__init__(model, rank, interval, *args, **kwargs)
+        super().__init__(model, rank, interval, *args, estimator=self.ema,
+                         policy=self.drift_policy, **kwargs)
 
-    # ------------------------------------------------------------------ schedule
-    def _probe_due(self, st: LayerState) -> bool:
-        if st.block is None or st.due(self.step):
-            return False
-        since = self.step - max(st.last_refresh, self._last_probe.get(st.name, -1))
-        return since >= self.probe_every
-
-    def refresh_due(self) -> bool:
-        """Whether any layer refreshes or probes on the current step (activations are captured)."""
-        return any(self._wants_rows(s) for s in self._layers.values())
-
-    def _wants_rows(self, st: LayerState) -> bool:
-        """Capture on refresh steps and on probe steps."""
-        return st.due(self.step) or self._probe_due(st)
-
-    def _log(self, st: LayerState, event: str, delta: float | None) -> None:
-        self.history.append(
-            {
-                "step": self.step,
-                "layer": st.name,
-                "event": event,
-                "drift": delta,
-                "interval": st.interval,
-            }
-        )
-
-    # ------------------------------------------------------------------ probe
-    @torch.no_grad()
-    def _probe(self, st: LayerState, grad: torch.Tensor | None) -> None:
-        rows = st.rows
-        A = subsample_rows(
-            torch.cat(rows).to(self.eig_dtype), self.max_rows, self._generator(st, 0)
-        )
-        self._last_probe[st.name] = self.step
-        if not bool(torch.isfinite(A).all()) or float(trace_of_covariance(A)) <= 0:
-            st.rows, st.captures = [], 0
-            return
-        k = st.k
-        _, V = block_power_iteration(gram_matvec(A), st.block.to(A.dtype), self.probe_iters)
-        delta = float(drift(st.block[:, :k].to(V), V[:, :k]))
-        if delta > self.tau:
-            self._log(st, "early", delta)
-            self._reset.add(st.name)
-            self._refresh(st, grad)  # consumes st.rows
-            st.interval = max(self.p_min, int(st.interval / self.grow))
-        else:
-            self._log(st, "probe", delta)
-            st.rows, st.captures = [], 0
-
-    # ------------------------------------------------------------------ refresh
-    def _eigensolve(
-        self, st: LayerState, A: torch.Tensor, b: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-b eigenpairs of the EMA covariance, in the units of this batch's ``A^T A``.
-
-        Returned eigenvalues are ``n`` times those of the per-row EMA covariance, so that
-        ``lambda_1 / trace`` (the sharpness term's ``lam_hat``) stays a ratio of EMA quantities
-        once :meth:`_refresh` sets the trace to ``n`` times the EMA trace.
-        """
-        n, d = A.shape
-        name, old = st.name, st.block
-        fresh = self._fresh_now or old is None or self.rho == 0.0
-        tr_b = trace_of_covariance(A) / n
-        warm = old is not None and old.shape == (d, b)
-        if d <= self.ema_dense_max:
-            Cb = covariance(A) / n
-            prev = self._cov.get(name)
-            C = Cb if fresh or prev is None else self.rho * prev.to(Cb) + (1 - self.rho) * Cb
-            self._cov[name] = C
-            tr = torch.diagonal(C).sum()
-            if warm:
-                evals, V = block_power_iteration(lambda X: C @ X, old.to(C), self.power_iters)
-            else:
-                evals, V = top_eigh(C, b)
-        else:
-            lam = self._lam.get(name)
-            if fresh or lam is None or not warm:
-
-                def matvec(X):
-                    return A.T @ (A @ X) / n
-
-                tr = tr_b
-            else:
-                Vo, lam, rho = old.to(A), lam.to(A).clamp(min=0), self.rho
-
-                def matvec(X):
-                    return (
-                        rho * (Vo @ (lam[:, None] * (Vo.T @ X))) + (1 - rho) * (A.T @ (A @ X)) / n
-                    )
-
-                tr = rho * self._tr.get(name, tr_b) + (1 - rho) * tr_b
-            if warm:
-                evals, V = block_power_iteration(matvec, old.to(A), self.power_iters)
-            else:
-                V0 = torch.randn(d, b, generator=self._generator(st, 0), dtype=A.dtype)
-                evals, V = block_power_iteration(matvec, V0.to(A.device), self.cold_iters)
-        self._lam[name], self._tr[name], self._rows_used[name] = evals, tr, n
-        return evals * n, V
-
-    def _refresh(self, st: LayerState, grad: torch.Tensor | None) -> None:
-        early = st.name in self._reset
-        self._reset.discard(st.name)
-        old, before = st.block, st.refreshes
-        self._fresh_now = early
-        try:
-            super()._refresh(st, torch.zeros(()) if grad is None else grad)
-        finally:
-            self._fresh_now = False
-        if st.refreshes == before:  # skipped (no rows, non-finite, zero): nothing changed
-            return
-        st.trace = self._tr[st.name] * self._rows_used[st.name]  # EMA trace, batch units
-        if early:
-            return  # the probe that triggered it logs and shrinks the interval
-        if old is not None and old.shape == st.block.shape:
-            k = st.k
-            delta = float(drift(old[:, :k].to(st.block), st.block[:, :k]))
-            if delta > self.tau:
-                st.interval = max(self.p_min, int(st.interval / self.grow))
-            else:
-                st.interval = min(self.p_max, int(round(st.interval * self.grow)))
-            self._log(st, "refresh", delta)
-        else:
-            self._log(st, "refresh", None)
-
-    @torch.no_grad()
-    def project_(self) -> None:
-        """Run due drift probes (refreshing early on drift), then project as the parent does."""
-        for st in self._layers.values():
-            if st.rows and st.block is not None and not st.due(self.step):
-                self._probe(st, st.module.weight.grad)
-            elif (
-                self.refresh_without_grad
-                and st.module.weight.grad is None
-                and st.rows
-                and st.due(self.step)
-            ):
-                self._refresh(st, None)  # the parent would wait for a step with a gradient
-        super().project_()
+    @property
+    def history(self) -> list[dict]:
+        return self.drift_policy.history
 
     def intervals(self) -> dict[str, int]:
-        """The current adaptive interval p of every layer."""
-        return {n: s.interval for n, s in self._layers.items()}
+        """The current adaptive interval p of every weight."""
+        return {st.name: st.interval for st in self.states()}
 
     def ema_covariance(self, module_or_name: nn.Module | str) -> torch.Tensor:
-        """The dense EMA covariance (per row) of a layer with ``d <= ema_dense_max``."""
-        name = self._state(module_or_name).name
-        if name not in self._cov:
-            raise KeyError(
-                f"layer {name!r} keeps no dense EMA covariance (d > ema_dense_max "
-                "or no refresh yet)"
-            )
-        return self._cov[name]
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """The parent's state plus EMA covariances / traces and probe steps (tensors, ints)."""
-        out = super().state_dict()
-        out["adaptive"] = {
-            "cov": dict(self._cov),
-            "trace": dict(self._tr),
-            "last_probe": dict(self._last_probe),
-        }
-        return out
-
-    def load_state_dict(self, state: Mapping) -> None:
-        super().load_state_dict(state)
-        ad = state.get("adaptive", {"cov": {}, "trace": {}, "last_probe": {}})
-        self._cov = {n: t.detach().clone() for n, t in ad["cov"].items()}
-        self._tr = {n: t.detach().clone() for n, t in ad["trace"].items()}
-        self._lam = {n: t.detach().clone() for n, t in ad.get("lam", {}).items()}
-        self._rows_used = {n: int(v) for n, v in ad.get("rows_used", {}).items()}
-        self._last_probe = {n: int(v) for n, v in ad["last_probe"].items()}
+        """The dense EMA covariance (per row) of a weight with ``d <= ema_dense_max``."""
+        name = self.layer_state(module_or_name).name
+        if name not in self.ema.cov:
+            raise KeyError(f"weight {name!r} keeps no dense EMA covariance (d > ema_dense_max "
+                           "or no refresh yet)")
+        return self.ema.cov[name]
 
 
 class AdaptiveDSBP(DSBP):

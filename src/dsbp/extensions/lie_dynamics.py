@@ -29,24 +29,85 @@ scale-free **[ours]**; the flow's contraction along the eigengap is then about
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from dsbp.core.covariance import subsample_rows, trace_of_covariance
+from dsbp.core.covariance import trace_of_covariance
 from dsbp.core.lie import double_bracket_step, rotation_update
-from dsbp.layers import adapters
-from dsbp.layers.state import LayerState
+from dsbp.layers.state import ParamState
 from dsbp.optim.dsbp import DSBP
-from dsbp.optim.projector import SpectralProjector
+from dsbp.optim.projector import RefreshPolicy, SpectralProjector
 
-__all__ = ["LieDSBP", "LieSpectralProjector"]
+__all__ = ["LieDSBP", "LieSpectralProjector", "LieTracking"]
+
+
+class LieTracking(RefreshPolicy):
+    """Refresh policy: the parent's schedule, plus one Cayley double-bracket step of each
+    weight's block on the batch's rows every ``track_every`` steps between refreshes."""
+
+    def __init__(self, track_every: int, lie_step: float) -> None:
+        self.track_every, self.lie_step = track_every, lie_step
+        self.master: dict[str, torch.Tensor] = {}  # name -> float64 (d, b) tracked block
+        self.tracks: dict[str, int] = {}  # name -> Cayley steps taken
+
+    def _tracking(self, proj: SpectralProjector, st: ParamState) -> bool:
+        return (st.block is not None and not st.due(proj.step)
+                and proj.step % self.track_every == 0)
+
+    def wants_rows(self, proj: SpectralProjector, st: ParamState) -> bool:
+        """Capture on refresh steps and on tracking steps."""
+        return st.due(proj.step) or self._tracking(proj, st)
+
+    def after_refresh(self, proj: SpectralProjector, st: ParamState,
+                      old_block: torch.Tensor | None, early: bool) -> None:
+        assert st.block is not None
+        self.master[st.name] = st.block.detach().to(torch.float64)
+
+    @torch.no_grad()
+    def between_refreshes(self, proj: SpectralProjector, st: ParamState,
+                          A: torch.Tensor) -> bool:
+        """One Cayley double-bracket step of ``st``'s block on the captured rows ``A``."""
+        if not bool(torch.isfinite(A).all()):
+            warnings.warn(f"DSBP weight {st.name!r}, step {proj.step}: non-finite activations; "
+                          "tracking step skipped", RuntimeWarning, stacklevel=2)
+            return False
+        assert st.block is not None
+        V = self.master.get(st.name)
+        if V is None or V.shape != st.block.shape:
+            V = st.block.detach().to(torch.float64)
+        # C V in the activations' precision (the costly n x d x b part), the rest in float64:
+        # the generator is skew by construction, so its precision does not affect orthonormality.
+        Y = (A.T @ (A @ V.to(A.dtype))).to(torch.float64)  # (d, b)
+        T = V.T @ Y
+        evals, R = torch.linalg.eigh(0.5 * (T + T.T))
+        evals, R = evals.flip(0), R.flip(1)
+        if not float(evals[0]) > 0:
+            return False  # all-zero batch: nothing to track
+        V, Y = V @ R, Y @ R  # Ritz order within the span; Omega is unchanged by this rotation
+        V = double_bracket_step(V, Y, self.lie_step / evals[0])
+        self.master[st.name] = V
+        proj.set_basis(st, V.to(st.block.dtype), evals.to(st.block.dtype),
+                       trace_of_covariance(A))
+        self.tracks[st.name] = self.tracks.get(st.name, 0) + 1
+        return False
+
+    def state_dict(self) -> dict:
+        return {"master": dict(self.master), "tracks": dict(self.tracks)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.master = {n: t.detach().clone().to(torch.float64)
+                       for n, t in state.get("master", {}).items()}
+        self.tracks = {n: int(v) for n, v in state.get("tracks", {}).items()}
 
 
 class LieSpectralProjector(SpectralProjector):
-    """SpectralProjector whose bases follow the double-bracket flow between refreshes.
+    """SpectralProjector whose bases follow the double-bracket flow between refreshes (a
+    :class:`LieTracking` policy; this class only wires its arguments).
 
     Args:
         model, *args: as for :class:`~dsbp.SpectralProjector` (rank, interval, ...).
@@ -73,82 +134,17 @@ class LieSpectralProjector(SpectralProjector):
             # Beyond ~2 the Cayley step overshoots along the top direction (it saturates at a
             # reflection); 4 is a generous guard, not a tuned bound.
             raise ValueError(f"lie_step must be in (0, 4], got {lie_step!r}")
+        if "policy" in kwargs:
+            raise ValueError("LieSpectralProjector sets its own policy")
+        self.tracking = LieTracking(track_every, lie_step)
         self.track_every, self.lie_step = track_every, lie_step
-        self._master: dict[str, torch.Tensor] = {}  # name -> float64 (d, b) tracked block
-        self._tracks: dict[str, int] = {}  # name -> Cayley steps taken
-        super().__init__(model, *args, **kwargs)
-
-    # ------------------------------------------------------------------ capture / refresh
-    def _tracking(self, st: LayerState) -> bool:
-        return st.block is not None and not st.due(self.step) and self.step % self.track_every == 0
-
-    def _wants_rows(self, st: LayerState) -> bool:
-        """Capture on refresh steps and on tracking steps."""
-        return st.due(self.step) or self._tracking(st)
-
-    def _refresh(self, st: LayerState, grad: torch.Tensor | None) -> None:
-        before = st.refreshes
-        super()._refresh(st, grad)
-        if st.refreshes != before:
-            self._master[st.name] = st.block.detach().to(torch.float64)
-
-    @torch.no_grad()
-    def _track(self, st: LayerState) -> None:
-        """One Cayley double-bracket step of ``st``'s block on the captured rows."""
-        rows, st.rows, st.captures = st.rows, [], 0
-        if not rows:
-            return
-        A = subsample_rows(
-            torch.cat(rows).to(self.eig_dtype), self.max_rows, self._generator(st, 0)
-        )
-        if not bool(torch.isfinite(A).all()):
-            self._warn(st, "non-finite activations; tracking step skipped")
-            return
-        V = self._master.get(st.name)
-        if V is None or V.shape != st.block.shape:
-            V = st.block.detach().to(torch.float64)
-        # C V in the activations' precision (the costly n x d x b part), the rest in float64:
-        # the generator is skew by construction, so its precision does not affect orthonormality.
-        Y = (A.T @ (A @ V.to(A.dtype))).to(torch.float64)  # (d, b)
-        T = V.T @ Y
-        evals, R = torch.linalg.eigh(0.5 * (T + T.T))
-        evals, R = evals.flip(0), R.flip(1)
-        if not float(evals[0]) > 0:
-            return  # all-zero batch: nothing to track
-        V, Y = V @ R, Y @ R  # Ritz order within the span; Omega is unchanged by this rotation
-        V = double_bracket_step(V, Y, self.lie_step / evals[0])
-        self._master[st.name] = V
-        st.block = V.to(st.block.dtype)
-        st.eigenvalues = evals.to(st.block.dtype)
-        st.trace = trace_of_covariance(A)
-        self._tracks[st.name] = self._tracks.get(st.name, 0) + 1
-
-    @torch.no_grad()
-    def project_(self) -> None:
-        """Track non-refreshing layers with one Cayley step, then project as the parent does."""
-        for st in self._layers.values():
-            if st.rows and not st.due(self.step) and st.block is not None:
-                self._track(st)
-        super().project_()
+        super().__init__(model, *args, policy=self.tracking, **kwargs)
 
     def num_tracking_steps(self, module_or_name: nn.Module | str | None = None) -> int:
-        """Cayley tracking steps taken by one layer, or summed over all layers."""
+        """Cayley tracking steps taken by one weight, or summed over all weights."""
         if module_or_name is None:
-            return sum(self._tracks.values())
-        return self._tracks.get(self._state(module_or_name).name, 0)
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict:
-        """The parent's state plus the float64 tracked blocks and tracking counts."""
-        out = super().state_dict()
-        out["lie"] = {"master": dict(self._master), "tracks": dict(self._tracks)}
-        return out
-
-    def load_state_dict(self, state: Mapping) -> None:
-        super().load_state_dict(state)
-        lie = state.get("lie", {"master": {}, "tracks": {}})
-        self._master = {n: t.detach().clone().to(torch.float64) for n, t in lie["master"].items()}
-        self._tracks = {n: int(v) for n, v in lie["tracks"].items()}
+            return sum(self.tracking.tracks.values())
+        return self.tracking.tracks.get(self.layer_state(module_or_name).name, 0)
 
 
 class LieDSBP(DSBP):
@@ -200,15 +196,13 @@ class LieDSBP(DSBP):
                 loss = closure()
         self._sync_group_overrides()
         self.projector.project_()
-        proj = self.projector
-        for name in proj.layer_names():
-            st = proj.layer_state(name)
-            w = st.module.weight
+        for st in self.projector.states():
+            w = st.param
             if w.grad is None or st.block is None:
                 continue
-            W = adapters.as_matrix(w)
-            G = adapters.as_matrix(w.grad)
-            E = st.block[:, : st.k].to(W.dtype)
+            W = st.matrix(w)
+            G = st.matrix(w.grad)
+            E = st.basis.to(W.dtype)
             new = rotation_update(
                 W.double(), G.double(), self._lr_of(w), E=E.double(), side=st.side
             )

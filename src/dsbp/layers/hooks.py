@@ -48,7 +48,10 @@ class FoundWeight:
 
 def state_name(param_name: str) -> str:
     """The name DSBP gives a weight: its parameter name less a trailing ``.weight``
-    (``fc1.weight`` -> ``fc1``; ``attn.in_proj_weight`` stays)."""
+    (``fc1.weight`` -> ``fc1``; a root layer's ``weight`` -> ``""``; ``attn.in_proj_weight``
+    stays), so a weight's name is its module's name wherever the module has one weight."""
+    if param_name == "weight":
+        return ""
     return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 

@@ -506,13 +506,13 @@ class SpectralProjector:
             ok.append(False)
         return ok
 
-    def _block_width(self, st: ParamState) -> int:
+    def block_width(self, st: ParamState) -> int:
         """Columns of the power-iteration block: k plus the oversampling, at most d."""
         d = st.dim
         return min(d, min(st.rank, d) + self.oversample)
 
-    def _warm(self, st: ParamState) -> bool:
-        return st.block is not None and tuple(st.block.shape) == (st.dim, self._block_width(st))
+    def is_warm(self, st: ParamState) -> bool:
+        return st.block is not None and tuple(st.block.shape) == (st.dim, self.block_width(st))
 
     def _distributed(self, op: Operator) -> Operator:
         """The global operator: each rank's products summed (``C = sum_r A_r^T A_r``)."""
@@ -525,10 +525,10 @@ class SpectralProjector:
         stack of same-shaped weights), else an exact ``eigh`` when d is small, else a seeded
         cold start. The one eigensolver of the project."""
         st = sts[0]
-        if self._warm(st):
+        if self.is_warm(st):
             V0 = torch.stack([s.block for s in sts]) if len(sts) > 1 else st.block
             return block_power_iteration(op.matvec, V0.to(self.eig_dtype), self.power_iters)
-        b = self._block_width(st)
+        b = self.block_width(st)
         if st.dim <= self.exact_threshold:
             return top_eigh(op.dense(), b)
         V0 = torch.randn(st.dim, b, generator=self._generator(st, 0), dtype=self.eig_dtype)
@@ -569,12 +569,13 @@ class SpectralProjector:
             health = self._health([(st, A, st.param.grad) for st, A in items])
             groups: dict[tuple, list[tuple[ParamState, torch.Tensor]]] = {}
             for (st, A), ok in zip(items, health, strict=True):
-                if ok:
-                    groups.setdefault((tuple(A.shape), st.dim, self._block_width(st)),
-                                      []).append((st, A))
+                if ok:  # the key is the same on every rank (row counts may differ)
+                    groups.setdefault((st.dim, self.block_width(st)), []).append((st, A))
             for group in groups.values():
                 sts = [st for st, _ in group]
-                As = torch.stack([A for _, A in group])
+                n = max(A.shape[0] for _, A in group)  # zero rows leave A^T A unchanged
+                As = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, n - A.shape[0]))
+                                  for _, A in group])
                 op = self._distributed(Operator(gram_matvec(As), lambda: covariance(As),
                                                 trace_of_covariance(As)))
                 evals, V = self._solve(sts, op)
@@ -603,7 +604,7 @@ class SpectralProjector:
                     self._refresh_one(st, A, early=True)
             elif st.due(self.step):
                 A = self._take_rows(st)
-                if self._use_stacks(st) and self._warm(st) and A.shape[0] > 0:
+                if self._use_stacks(st) and self.is_warm(st):
                     stacked.append((st, A))
                 else:
                     self._refresh_one(st, A)
@@ -795,7 +796,7 @@ class SpectralProjector:
                              f"projector lacks and lacks {sorted(set(self._states) - saved)}")
         for n, d in state["layers"].items():
             st = self._states[n]
-            st.check_dict(d, self._block_width(st) if d.get("rank") == st.rank else st.dim)
+            st.check_dict(d, self.block_width(st) if d.get("rank") == st.rank else st.dim)
         for n, d in state["layers"].items():
             self._states[n].load_dict(d)
         self.estimator.load_state_dict(state.get("estimator", {}))

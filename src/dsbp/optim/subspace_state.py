@@ -46,8 +46,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsbp.layers import adapters
-from dsbp.layers.state import LayerState
+from dsbp.core.projection import dsbp_coordinates
+from dsbp.layers.state import ParamState
+from dsbp.optim.comm import Communicator, is_dtensor
 from dsbp.optim.projector import SpectralProjector
 
 SECOND_MOMENT = ("rotate", "keep", "reset")
@@ -104,6 +105,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
     def count(obj: Any) -> int:
         if isinstance(obj, torch.Tensor):
+            if is_dtensor(obj):  # per rank: the shard this process holds
+                obj = obj.to_local()  # type: ignore[attr-defined]
             if obj.data_ptr() in seen or obj.numel() == 0:
                 return 0
             seen.add(obj.data_ptr())
@@ -122,8 +125,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         total += sum(count(s) for s in base.state.values())
     proj = getattr(optimizer, "projector", None)
     if isinstance(proj, SpectralProjector):
-        for name in proj.layer_names():
-            st = proj.layer_state(name)
+        for st in proj.states():
             total += count(st.block) + count(st.eigenvalues) + count(st.trace)
     return total
 
@@ -189,48 +191,65 @@ class SubspaceAdam(torch.optim.Optimizer):
                              f"got {second_moment!r}")
         kw = dict(projector_kwargs or {})
         if distributed:  # bases of the global batch, bit-identical on every rank
-            from dsbp.optim.distributed import DistributedSpectralProjector
+            from dsbp.optim.distributed import ProcessGroupCommunicator
 
-            proj_cls: type[SpectralProjector] = DistributedSpectralProjector
-            kw["process_group"] = process_group
-        else:
-            proj_cls = SpectralProjector
-        self.projector = proj_cls(
-            model, rank=rank, interval=interval, power_iters=power_iters, side=side,
-            sharpness=sharpness, max_rows=max_rows, layers=layers, **kw,
-        )
+            kw["comm"] = ProcessGroupCommunicator(process_group)
         self.second_moment = second_moment
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(model.parameters() if params is None else params, defaults)
+        owned = [p for g in self.param_groups for p in g["params"]]
+        self.projector = SpectralProjector(
+            model, rank=rank, interval=interval, power_iters=power_iters, side=side,
+            sharpness=sharpness, max_rows=max_rows, layers=layers, params=owned, **kw,
+        )
+        self.comm: Communicator = self.projector.comm
         # weights whose state lives in the subspace: only where k < d saves memory
-        self._layer_of: dict[int, LayerState] = {}
-        for name in self.projector.layer_names():
-            st = self.projector.layer_state(name)
-            if min(st.rank, adapters.dim(st.module, side)) < adapters.dim(st.module, side):
-                self._layer_of[id(st.module.weight)] = st
+        self._state_of: dict[int, ParamState] = {
+            id(st.param): st for st in self.projector.states() if min(st.rank, st.dim) < st.dim}
 
     def is_subspace(self, p: torch.Tensor) -> bool:
         """Whether parameter ``p`` keeps its Adam moments in basis coordinates."""
-        return id(p) in self._layer_of
+        return id(p) in self._state_of
+
+    def summary(self) -> str:
+        """Each weight: projected (its moments in basis coordinates) or skipped, and why."""
+        return self.projector.summary()
+
+    def remove(self) -> None:
+        """Remove the projector's hooks from the model."""
+        self.projector.remove()
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW step; subspace layers refresh their basis when due and re-project state."""
+    def step(self, closure: Any = None) -> Any:
+        """One AdamW step; subspace weights refresh their basis when due and re-project state."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for st, old in self.projector.refresh_():
+            self._reproject(st, old)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self._layer_of.get(id(p))
+                st = self._state_of.get(id(p))
                 if st is None:
                     self._full_step(p, p.grad, group)
                 else:
                     self._subspace_step(p, st, group)
-        self.projector.step += 1
+        self.projector.end_step()
         return loss
+
+    def _reproject(self, st: ParamState, old: torch.Tensor | None) -> None:
+        """Carry a weight's moments into its new basis after a refresh."""
+        state = self.state[st.param]
+        if old is None or id(st.param) not in self._state_of or "exp_avg" not in state:
+            return
+        m, v = reproject_moments(state["exp_avg"], state["exp_avg_sq"], old, st.basis,
+                                 st.side, self.second_moment)
+        state["exp_avg"], state["exp_avg_sq"] = m, v
+        if self.second_moment == "reset":
+            state["step"].zero_()
 
     # ---------------------------------------------------------------- Adam on a tensor
     def _adam(self, state: dict, R: torch.Tensor, group: dict) -> torch.Tensor:
@@ -257,36 +276,22 @@ class SubspaceAdam(torch.optim.Optimizer):
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.sub_(self._adam(self.state[p], g, group))
 
-    def _subspace_step(self, p: torch.Tensor, st: LayerState, group: dict) -> None:
-        proj = self.projector
-        g = p.grad
-        if st.due(proj.step):
-            old = None if st.block is None else st.block[:, : st.k]
-            n_before = st.refreshes
-            proj._refresh(st, g)
-            state = self.state[p]
-            if old is not None and st.refreshes != n_before and "exp_avg" in state:
-                m, v = reproject_moments(state["exp_avg"], state["exp_avg_sq"], old,
-                                         st.block[:, : st.k], st.side, self.second_moment)
-                state["exp_avg"], state["exp_avg_sq"] = m, v
-                if self.second_moment == "reset":
-                    state["step"].zero_()
+    def _subspace_step(self, p: torch.Tensor, st: ParamState, group: dict) -> None:
         if st.block is None:
-            return  # no basis yet (the projector warned): the layer waits for a refresh
-        E = st.block[:, : st.k]  # (d, k)
-        G = adapters.as_matrix(g).to(E.dtype)
-        output = st.side == "output"
-        R = E.T @ G if output else G @ E  # (k, d_in) or (d_out, k): the state's shape
-        if st.sharpness != 0.0:
-            W = adapters.as_matrix(p).to(E.dtype)
-            s = st.eigenvalues[0] / st.trace * st.sharpness
-            if output:
-                R[0].add_(s * (E[:, 0] @ W))
-            else:
-                R[:, 0].add_(s * (W @ E[:, 0]))
+            return  # no basis yet (the projector warned): the weight waits for a refresh
+        comm, output = self.comm, st.side == "output"
+        E = st.basis[comm.row_slice(p)] if output else st.basis  # this rank's rows of E
+        W = st.matrix(comm.local(p))
+        # the coordinates of the DSBP direction: E^T G + s e_1 e1^T W (k, d_in) or G E + ...
+        R = dsbp_coordinates(st.matrix(comm.local(p.grad)), E, st.side,
+                             W=W if st.sharpness else None, scale=st.sharpness_scale(),
+                             row_sum=comm.sum_over_row_shards)
         U = self._adam(self.state[p], R, group)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.sub_((E @ U if output else U @ E.T).view_as(p).to(p.dtype))
+        local = comm.local(p)
+        local.mul_(1 - group["lr"] * group["weight_decay"])
+        Wv = st.matrix(local)  # a view, unless the weight's layout needs a copy
+        Wv.sub_((E @ U if output else U @ E.T).to(local.dtype))
+        st.write_matrix(local, Wv)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
