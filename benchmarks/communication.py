@@ -25,7 +25,6 @@ an all-gather receives ``(W - 1) / W`` of its (full) output, a broadcast about t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -278,9 +277,58 @@ def main() -> None:
         "formulas_match_every_measured_step": formula_ok,
         "estimate_1b": transformer_estimate(),
     }
+    payload["tables"] = render(payload)
     path = write_json(args.out, payload)
-    print(json.dumps({k: measured[k]["steps"][-1]["bytes"] for k in measured}, indent=1))
+    print(payload["tables"]["markdown"])
     print("formulas match:", formula_ok, "->", path)
+
+
+def render(payload: dict) -> dict:
+    """The Markdown tables docs/distributed.md shows, with every derived value stored."""
+    kb = 1e3
+    rows, md = [], ["| layout | side | cold refresh (kB) | warm refresh (kB) | projection step (kB)"
+                    " | all-gather alternative step (kB) | alternative / DSBP per step |",
+                    "|---|---|---|---|---|---|---|"]
+    for key, m in payload["measured"].items():
+        layout, side = key.split("/")
+        by = {s["refresh_kind"]: s for s in m["steps"]}
+        cold = sum(by["cold"]["bytes"].values()) - by["cold"]["bytes"]["sum_over_row_shards"]
+        warm = sum(by["warm"]["bytes"].values()) - by["warm"]["bytes"]["sum_over_row_shards"]
+        step = by["none"]["bytes"]["sum_over_row_shards"]
+        alt = by["none"].get("all_gather_alternative", {}).get("bytes")
+        row = {"layout": layout, "side": side, "cold_refresh_kB": round(cold / kb, 1),
+               "warm_refresh_kB": round(warm / kb, 1), "step_kB": round(step / kb, 1),
+               "all_gather_step_kB": None if alt is None else round(alt / kb, 1),
+               "all_gather_over_dsbp": None if not (alt and step) else round(alt / step, 1)}
+        rows.append(row)
+        md.append(f"| {layout} | {side} | {row['cold_refresh_kB']} | {row['warm_refresh_kB']} | "
+                  f"{row['step_kB']} | {row['all_gather_step_kB'] or '-'} | "
+                  f"{row['all_gather_over_dsbp'] or '-'} |")
+    est = payload["estimate_1b"]
+    tr = est["training_traffic_per_step"]
+    fsdp_own = tr["fsdp2_param_all_gather_fwd_bwd_plus_grad_reduce_scatter_received_per_rank"]
+    mb = 1e6
+    erows = []
+    md += ["", "| side | refresh payload (MB) | refresh per step at p=100 (MB) | FSDP2 projection"
+           " per step, ring wire per rank (MB) | % of FSDP2's own traffic | all-gather "
+           "alternative received per rank per step (MB) |", "|---|---|---|---|---|---|"]
+    for side, e in est["sides"].items():
+        r = {"side": side, "refresh_MB": round(e["refresh_payload_bytes"] / mb, 1),
+             "refresh_per_step_MB": round(e["refresh_amortised_per_step_payload_bytes"] / mb, 1),
+             "fsdp2_step_wire_MB": round(e["fsdp2_step_wire_bytes_per_rank_ring"] / mb, 1),
+             "fsdp2_step_pct_of_fsdp2_traffic": round(
+                 100 * e["fsdp2_step_wire_bytes_per_rank_ring"] / fsdp_own, 2),
+             "all_gather_step_MB": round(e["all_gather_alternative_step_received_per_rank"]
+                                         / mb, 1)}
+        erows.append(r)
+        md.append(f"| {side} | {r['refresh_MB']} | {r['refresh_per_step_MB']} | "
+                  f"{r['fsdp2_step_wire_MB']} | {r['fsdp2_step_pct_of_fsdp2_traffic']}% | "
+                  f"{r['all_gather_step_MB']} |")
+    own = {"fsdp2_own_traffic_per_step_MB": round(fsdp_own / mb, 1),
+           "ddp_own_traffic_per_step_MB": round(
+               tr["ddp_gradient_all_reduce_wire_per_rank_ring"] / mb, 1)}
+    return {"measured": rows, "estimate": erows, "training_traffic": own,
+            "markdown": "\n".join(md)}
 
 
 if __name__ == "__main__":
