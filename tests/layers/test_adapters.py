@@ -112,3 +112,31 @@ def test_pick_sample_gives_an_unbiased_covariance():
         est += S.T @ S / 20
     est /= draws
     assert torch.allclose(est, want, rtol=0.03, atol=0.03 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("n,m", [(150, 30), (157, 30), (1000, 64), (1003, 64)])
+def test_pick_is_a_uniform_subset_distinct_with_inclusion_m_over_n(n, m):
+    """n/m integer and not (n > 4m: the path that avoids a permutation of all n). A sampler
+    with replacement, or one of equal strata with rounded edges, repeats rows; one that favours
+    some rows misses m/n."""
+    from dsbp.layers.adapters import _pick
+
+    trials = 3000
+    hits = torch.zeros(n)
+    for t in range(trials):
+        idx = _pick(n, m, torch.Generator().manual_seed(t))
+        assert idx.numel() == m and idx.unique().numel() == m  # distinct, every draw
+        hits[idx] += 1
+    freq = hits / trials
+    sigma = (m / n * (1 - m / n) / trials) ** 0.5
+    assert float((freq - m / n).abs().max()) < 5 * sigma
+    # no position bias: the first and the last tenth are drawn as often as the middle
+    assert abs(float(freq[: n // 10].mean() - freq[-(n // 10):].mean())) < 3 * sigma
+
+
+def test_pick_stays_distinct_at_large_non_integer_ratios():
+    from dsbp.layers.adapters import _pick
+
+    for t in range(20):  # Fashion-MNIST-sized layers: 150,000 rows, 8192 kept
+        idx = _pick(150_000, 8192, torch.Generator().manual_seed(t))
+        assert idx.unique().numel() == 8192

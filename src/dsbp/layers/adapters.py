@@ -24,7 +24,6 @@ Rows are subsampled while they are extracted, so a refresh never materialises th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -343,6 +342,18 @@ def parametrized_reason(module: nn.Module, attr: str) -> str | None:
     return None
 
 
+def why_not(module: nn.Module, side: str) -> str:
+    """Why ``module`` has no weight to project on ``side`` (for error messages)."""
+    adapter = adapter_for(module)
+    if adapter is None:
+        return f"{type(module).__name__} has no weight adapter (see register_adapter)"
+    for attr in adapter.weights(module):
+        reason = parametrized_reason(module, attr) or adapter.skip_reason(module, attr, side)
+        if reason is not None:
+            return reason
+    return f"its weights are not among the parameters given ({type(module).__name__})"
+
+
 def check_module(module: nn.Module, side: str, name: str = "") -> None:
     """Raise a clear error for a layer explicitly chosen that cannot be projected on ``side``."""
     adapter = adapter_for(module)
@@ -354,5 +365,3 @@ def check_module(module: nn.Module, side: str, name: str = "") -> None:
         if reason is not None:
             raise ValueError(f"{type(module).__name__} {name!r}: {reason}")
 
-
-Hook = Callable[[nn.Module, tuple, dict, Any], None]

@@ -98,7 +98,8 @@ def scan(model: nn.Module, side: str) -> list[FoundWeight]:
     for pid, e in found.items():
         why = unhandled.get(pid)
         if why and e.uses:
-            e.reason = f"tied: also used as {why[0]}"
+            users = ", ".join(f"{u.module_name} ({type(u.module).__name__})" for u in e.uses)
+            e.reason = f"tied: used by {users} and as {why[0]}; left unprojected"
         elif why:
             e.reason = why[0]
     order = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}

@@ -253,6 +253,7 @@ class SpectralProjector:
             found = [f for f in found if id(f.param) in owned]
         self.comm.check_params(f.param for f in found)
         self.skipped: dict[str, str] = {}
+        self._skipped_dims = {f.name: f.param.dim() for f in found}
         chosen = self._choose(found, layers, exclude, skip_first_last)
         if not chosen:
             raise ValueError(f"{type(model).__name__} has no weight DSBP can project"
@@ -282,8 +283,13 @@ class SpectralProjector:
                 state_name(f"{u.module_name}.{u.attr}") for u in f.uses}
 
         known = set().union(*(names_of(f) for f in found)) if found else set()
+        modules = dict(self.model.named_modules())
         for label, names in (("layers", layers), ("exclude", exclude)):
             unknown = sorted(set(names or ()) - known)
+            for n in unknown if label == "layers" else ():
+                if n in modules:
+                    raise ValueError(f"layers names {n!r}, which cannot be projected: "
+                                     f"{adapters.why_not(modules[n], self.side)}")
             if unknown:
                 hint = ", ".join(f.name for f in found if f.uses and f.reason is None)
                 raise ValueError(f"{label} names {unknown}, which are not weights or layers of "
@@ -325,16 +331,24 @@ class SpectralProjector:
 
     def summary(self) -> str:
         """One line per weight the projector was given: projected (side, rank, interval) or
-        skipped with the reason."""
+        skipped with the reason; biases and norm scales (1-D) are counted on one line."""
         lines = []
         for st in self._states.values():
             d_out, d_in = st.shape
             uses = ", ".join(f"{u.module_name or '<root>'}:{type(u.module).__name__}"
                              for u in st.uses)
-            lines.append(f"{st.name:<40} projected  {st.side} side, rank {st.rank}, interval "
-                         f"{st.interval}, sharpness {st.sharpness:g}, ({d_out} x {d_in}) [{uses}]")
+            lines.append(f"{st.name or '<root>':<36} projected  {st.side} side, rank {st.rank}, "
+                         f"interval {st.interval}, sharpness {st.sharpness:g}, "
+                         f"{d_out}x{d_in} [{uses}]")
+        vectors = 0
         for name, why in self.skipped.items():
-            lines.append(f"{name:<40} skipped    {why}")
+            if self._skipped_dims.get(name, 2) < 2:
+                vectors += 1
+            else:
+                lines.append(f"{name or '<root>':<36} skipped    {why}")
+        if vectors:
+            lines.append(f"{'(biases, norm scales)':<36} skipped    {vectors} tensors with fewer "
+                         "than 2 dims: not weight matrices")
         return "\n".join(lines)
 
     def configure(self, name: str, **settings: Any) -> None:
