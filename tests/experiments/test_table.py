@@ -220,3 +220,24 @@ def test_environment_records_vector_capability_and_blas():
 def test_pool_refuses_sizes_that_do_not_divide(bundled):
     with pytest.raises(ValueError, match="average-pool"):
         table.derive_task(bundled, "bundled@10px")
+
+
+def test_run_timings_is_wall_time_per_trained_image(tmp_path):
+    def fake(name, method, wall, epochs, subset=None, val=None, status="ok"):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = RunConfig(dataset="cifar10", method=method, subset=subset, val_split=val)
+        (d / "config.json").write_text(cfg.to_json())
+        (d / "result.json").write_text(json.dumps({
+            "status": status, "wall_s": wall, "epochs_done": epochs, "device_name": "G"}))
+
+    fake("a", "sgd", 90.0, 2, val=5000)      # 45000 images x 2 epochs
+    fake("b", "sgd", 10.0, 1, subset=1000)   # 1000 images x 1 epoch
+    fake("c", "sgd", 0.0, 1, status="diverged")
+    fake("d", "sam", 50.0, 1)                # 50000 x 1
+    t = table.run_timings(tmp_path)
+    assert t["runs"] == 3 and t["devices"] == ["G"] and t["batch"] == [128]
+    assert t["per_image"]["sgd"] == pytest.approx((90 / 90000 + 10 / 1000) / 2)
+    assert t["per_image"]["sam"] == pytest.approx(50 / 50000)
+    with pytest.raises(ValueError, match="no finished runs"):
+        table.gpu_estimate_from_runs(_tiny_spec(), tmp_path)

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 DEFAULT_TIMINGS = "benchmarks/results/step_overhead_resnet18_cuda_bf16.json"
+DEFAULT_RUNS = "results/dsbp_claims_gpu"
 
 
 def _csv(text: str) -> list[str]:
@@ -44,12 +45,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--estimate", metavar="TIMINGS_JSON", nargs="?", const=DEFAULT_TIMINGS,
                    help="print the variant's training-time estimate from a step benchmark "
                    f"JSON (default {DEFAULT_TIMINGS}) and exit")
+    p.add_argument("--runs-timings", metavar="FOLDER", default=DEFAULT_RUNS,
+                   help="with --estimate: also estimate from the measured speed of the "
+                   f"finished runs under FOLDER (default {DEFAULT_RUNS}; '' to skip)")
     p.set_defaults(func=cmd_table)
 
 
 def cmd_table(args: argparse.Namespace) -> int:
     """``dsbp table ...``."""
-    from dsbp.experiments.table import TaskLoader, get_variant, gpu_estimate, run_table
+    from dsbp.experiments.table import (
+        TaskLoader,
+        get_variant,
+        gpu_estimate,
+        gpu_estimate_from_runs,
+        run_table,
+    )
 
     spec = get_variant(args.variant)
     if args.seeds is not None:
@@ -62,7 +72,16 @@ def cmd_table(args: argparse.Namespace) -> int:
             print(f"{r['dataset']}: {r['train_images']} training images, {r['steps_per_run']} "
                   f"steps per run: {r['hours']:.2f} h")
         print(f"total: {est['hours']:.1f} h of training on {est['device']} (from "
-              f"{est['timings']}; evaluation and MAML not counted)")
+              f"{est['timings']}: step benchmark, batch {est['batch']}; a lower bound: "
+              "no data loading; evaluation and MAML not counted)")
+        if args.runs_timings:
+            runs = gpu_estimate_from_runs(spec, args.runs_timings, TaskLoader(args.data_root))
+            per = ", ".join(f"{m} {1e6 * v:.0f}" for m, v in sorted(runs["per_image"].items())
+                            if m in ("sgd", "sam", "dsbp", "dsbp_tuned"))
+            print(f"from {runs['runs']} finished runs under {runs['root']} ({per} us per "
+                  f"image; {', '.join(runs['devices'])}; batch {runs['batch']}): "
+                  + ", ".join(f"{r['dataset']} {r['hours']:.2f} h" for r in runs["rows"])
+                  + f"; total {runs['hours']:.1f} h (evaluation and MAML not counted)")
         return 0
     out = args.out or f"runs/table_{spec.name}"
     made = run_table(spec, out, resume=args.resume, datasets=args.datasets,
@@ -88,7 +107,7 @@ def bench_table(args: argparse.Namespace) -> int:
         variant="gpu" if args.preset == "table_gpu" else "cpu", out=args.out,
         seeds=args.seeds, datasets=args.datasets, data_root=args.data_root,
         protocols=["supervised", "transfer", "fewshot"], resume=args.resume,
-        no_progress=args.no_progress, estimate=None,
+        no_progress=args.no_progress, estimate=None, runs_timings=None,
         command_line=getattr(args, "command_line", None))
     return cmd_table(ns)
 

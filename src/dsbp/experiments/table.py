@@ -913,11 +913,71 @@ def gpu_estimate(spec: TableSpec, timings: str | Path,
                       "steps_per_run": math.ceil(n / spec.base.batch_size) * row.epochs,
                       "hours": row_s / 3600})
         total += row_s
-    return {"timings": str(timings), "device": data.get("env", {}).get("device"),
+    return {"timings": str(timings), "device": data.get("env", {}).get("device"), "batch": batch,
             "hours": total / 3600, "rows": lines}
 
 
+def run_timings(root: str | Path) -> dict[str, Any]:
+    """Measured training seconds per image of each method, from finished harness runs.
+
+    Every ``result.json`` under ``root`` with status ``ok`` counts: ``wall_s`` (training time
+    without evaluation) divided by the images it trained on (``n_train`` epochs, where the
+    training split of CIFAR-10 / Fashion-MNIST is known and ``val_split`` is subtracted).
+    Returns ``{"per_image": {method: median s}, "runs": n, "devices": [...], "batch": [...]}``.
+    """
+    sizes = {"cifar10": 50000, "fashion_mnist": 60000}
+    per: dict[str, list[float]] = {}
+    devices, batches, n = set(), set(), 0
+    for res_path in Path(root).rglob("result.json"):
+        cfg_path = res_path.parent / "config.json"
+        if not cfg_path.exists():
+            continue
+        res, cfg = json.loads(res_path.read_text()), json.loads(cfg_path.read_text())
+        if res.get("status") != "ok" or cfg.get("dataset") not in sizes:
+            continue
+        n_img = (cfg.get("subset") or sizes[cfg["dataset"]] - (cfg.get("val_split") or 0))
+        if not res.get("epochs_done") or not res.get("wall_s"):
+            continue
+        per.setdefault(cfg["method"], []).append(res["wall_s"] / (n_img * res["epochs_done"]))
+        devices.add(str(res.get("device_name")))
+        batches.add(int(cfg.get("batch_size", 0)))
+        n += 1
+    return {"per_image": {m: statistics.median(v) for m, v in per.items()}, "runs": n,
+            "devices": sorted(devices), "batch": sorted(batches)}
+
+
+def gpu_estimate_from_runs(spec: TableSpec, root: str | Path,
+                           loader: TaskLoader | None = None) -> dict[str, Any]:
+    """Hours of training the variant needs at the per-image speed of committed runs
+    (:func:`run_timings`): SGD's for SGD, pretraining, LoRA and full fine-tuning, SAM's for
+    SAM, ``dsbp``'s for DSBP (paper settings) and ``dsbp_tuned``'s for the recommended
+    configuration; 64 x 64 images cost 4x (pixels). [ours] The runs' batch size is reported
+    beside the result: a smaller batch takes more steps, so more time per image."""
+    t = run_timings(root)
+    pi = t["per_image"]
+    missing = [m for m in ("sgd", "sam", "dsbp", "dsbp_tuned") if m not in pi]
+    if missing:
+        raise ValueError(f"no finished runs of {missing} under {root}")
+    loader = loader or TaskLoader()
+    total = 0.0
+    rows = []
+    for row in spec.rows:
+        def imgs(task: str, subset: int | None, epochs: int) -> float:
+            x = loader.task(task).x_train
+            return train_size(loader, task, subset) * epochs * float((x.shape[-1] / 32) ** 2)
+
+        sup = imgs(row.task, row.subset, row.epochs)
+        src = imgs(row.source, row.source_subset or row.subset, row.source_epochs or row.epochs)
+        tgt = imgs(row.target, row.subset, row.epochs)
+        s = spec.seeds * (sup * (pi["sgd"] + pi["sam"] + pi["dsbp"] + pi["dsbp_tuned"])
+                          + src * pi["sgd"]
+                          + tgt * (2 * pi["sgd"] + pi["dsbp"] + pi["dsbp_tuned"]))
+        rows.append({"dataset": row.dataset, "hours": s / 3600})
+        total += s
+    return {"root": str(root), "hours": total / 3600, "rows": rows, **t}
+
+
 __all__ = ["COLUMNS", "CORE_COLUMNS", "RowPlan", "TABLE_COLUMNS", "TableSpec", "TaskLoader",
-           "VARIANTS", "collect_table_rows", "derive_task",
-           "finish_table", "get_variant", "gpu_estimate", "is_table", "parse_task", "run_table",
-           "supervised_runs", "task_name", "transfer_runs", "warmup_steps"]
+           "VARIANTS", "collect_table_rows", "derive_task", "finish_table", "get_variant",
+           "gpu_estimate", "gpu_estimate_from_runs", "is_table", "parse_task", "run_table",
+           "run_timings", "supervised_runs", "task_name", "transfer_runs", "warmup_steps"]
