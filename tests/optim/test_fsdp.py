@@ -117,7 +117,5 @@ def test_dsbp_under_fsdp2_matches_one_process_on_the_concatenated_batch(tmp_path
     _check(tmp_path, ("dsbp_output", "dsbp_input"))
 
 
-@pytest.mark.xfail(reason="SubspaceAdam's port to the communicator-based projector is pending",
-                   strict=False)
 def test_subspace_adam_under_fsdp2_matches_one_process_on_the_concatenated_batch(tmp_path):
     _check(tmp_path, ("subspace_output", "subspace_input"))
