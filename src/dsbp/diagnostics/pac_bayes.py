@@ -20,6 +20,28 @@ Choices [ours, following Dziugaite & Roy 2017]:
   bound ``e_S(Q) <= kl^{-1}(e_hat, ln(2 J / delta_mc) / n_mc)`` (union over the grid as well)
   turns the estimate into an upper bound holding with probability >= 1 - delta_mc.
 - ``delta = delta_pb + delta_mc`` is the total failure probability (default 0.05 = 0.04 + 0.01).
+
+**BatchNorm** [ours]. In eval mode a BatchNorm layer applies its running statistics, buffers
+computed from training data. Held fixed at their trained values in both prior and posterior,
+they would make the prior depend on the sample. So by default (``batchnorm="bounded"``) they
+are part of what is bounded: the random vector is ``theta = (parameters, running means, log
+running stds)`` with ``log std = 0.5 ln(running_var + eps)``. The posterior is ``N(theta, s^2 I)``
+at the trained values, and the prior ``N(theta_0, s^2 I)`` at ``init``'s values. A freshly
+constructed BatchNorm has mean 0 and variance 1, which no data has touched. The Gibbs
+classifier draws the statistics too, and the KL counts their distance from the prior's.
+``batchnorm="fixed"`` keeps the old behaviour (statistics held at their trained values,
+nothing perturbed). It is reported as an assumption that does not hold, and the result's
+``valid`` is False.
+
+**Assumptions** the result lists (``PACBayesBound.assumptions``):
+
+- The m samples are i.i.d. draws from the distribution the bound speaks about. The prior
+  (``init``, the grid of s, ``delta``) was fixed without them.
+- The classifier's output on one example does not depend on the other examples of its batch.
+  Eval-mode BatchNorm with running statistics satisfies this. A BatchNorm without running
+  statistics does not, and raises an error.
+- Buffers other than BatchNorm statistics are equal in ``model`` and ``init``, and are
+  data-independent (checked for equality, else an error).
 """
 
 from __future__ import annotations
@@ -34,6 +56,7 @@ from torch import nn
 from dsbp.diagnostics.hvp import ParamSpec, assign_flat_, eval_mode, flat_params
 
 __all__ = [
+    "BATCHNORM_MODES",
     "PACBayesBound",
     "gaussian_kl",
     "kl_bernoulli",
@@ -101,6 +124,64 @@ def zero_one_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return wrong / x.shape[0]
 
 
+BATCHNORM_MODES = ("bounded", "fixed")
+
+
+def _batchnorms(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if not mod.track_running_stats or mod.running_mean is None \
+                    or mod.running_var is None:
+                raise ValueError(
+                    f"BatchNorm {name!r} keeps no running statistics: in eval mode its output "
+                    "on one example depends on the rest of the batch, which the bound's i.i.d. "
+                    "per-example loss does not allow")
+            out.append((name, mod))
+    return out
+
+
+def _bn_vector(bns: list[tuple[str, nn.modules.batchnorm._BatchNorm]]) -> torch.Tensor:
+    """Running means and log running stds (``0.5 ln(var + eps)``) of the BatchNorms, flat,
+    float64 on the CPU; empty when there are none."""
+    parts: list[torch.Tensor] = []
+    for _, m in bns:
+        assert m.running_mean is not None and m.running_var is not None
+        parts.append(m.running_mean.detach().to("cpu", torch.float64).reshape(-1))
+        parts.append(0.5 * torch.log(m.running_var.detach().to("cpu", torch.float64)
+                                     .reshape(-1) + m.eps))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def _assign_bn_(bns: list[tuple[str, nn.modules.batchnorm._BatchNorm]], v: torch.Tensor
+                ) -> None:
+    i = 0
+    for _, m in bns:
+        assert m.running_mean is not None and m.running_var is not None
+        n = m.running_mean.numel()
+        m.running_mean.copy_(v[i:i + n].view_as(m.running_mean))
+        logstd = v[i + n:i + 2 * n].view_as(m.running_var)
+        m.running_var.copy_(torch.exp(2.0 * logstd) - m.eps)
+        i += 2 * n
+
+
+def _check_other_buffers(model: nn.Module, init: nn.Module) -> None:
+    bn_bufs = {f"{n}.{b}" if n else b for n, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in ("running_mean", "running_var", "num_batches_tracked")}
+    theirs = dict(init.named_buffers())
+    for name, buf in model.named_buffers():
+        if name in bn_bufs or not torch.is_floating_point(buf):
+            continue
+        other = theirs.get(name)
+        if other is None or other.shape != buf.shape or not torch.equal(
+                other.detach().cpu(), buf.detach().cpu()):
+            raise ValueError(
+                f"buffer {name!r} differs between the model and init: it is neither perturbed "
+                "nor part of the prior, so the bound would not hold")
+
+
 @dataclass(frozen=True)
 class PACBayesBound:
     """The bound and its parts, at the chosen posterior scale.
@@ -109,13 +190,19 @@ class PACBayesBound:
         bound: kl-inverse bound on the Gibbs classifier's true 0-1 error (holds w.p. >= 1-delta).
         bound_sqrt: the square-root (Pinsker) form ``empirical_upper + sqrt(complexity / 2)``.
         kl: ``KL(Q || P)`` in nats.
-        empirical: Monte Carlo estimate of the posterior's training 0-1 error.
+        empirical: Monte Carlo estimate of the posterior's training 0-1 error (each row of
+            ``grid`` also has ``empirical_std``, the std of the error over the draws).
         empirical_upper: its Langford-Caruana upper confidence bound.
         confidence: ``ln(2 sqrt(m) J / delta_pb) / m``, the confidence part of the complexity.
         complexity: ``(kl + ln(2 sqrt(m) J / delta_pb)) / m``, the kl budget.
         s: chosen posterior / prior standard deviation.
         deterministic_error: training 0-1 error of the trained weights themselves.
         m, n_mc, delta, delta_mc: sample size, MC draws, total and MC failure probability.
+        batchnorm: ``"bounded"`` or ``"fixed"`` (module docstring); ``n_batchnorm_stats``: how
+            many running statistics (means + stds) are in the bounded vector.
+        valid: False when an assumption is known not to hold (``batchnorm="fixed"`` on a
+            model with BatchNorm).
+        assumptions: what the bound assumes, in words, including any that does not hold.
         grid: per-s results (dicts with the same fields).
     """
 
@@ -132,6 +219,10 @@ class PACBayesBound:
     n_mc: int
     delta: float
     delta_mc: float
+    batchnorm: str = "bounded"
+    n_batchnorm_stats: int = 0
+    valid: bool = True
+    assumptions: list[str] = field(default_factory=list)
     grid: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -152,13 +243,15 @@ def pac_bayes_bound(
     params: ParamSpec = None,
     batch_size: int = 1024,
     generator: torch.Generator | None = None,
+    batchnorm: str = "bounded",
 ) -> PACBayesBound:
     """PAC-Bayes bound on the 0-1 error of ``N(w, s^2 I)`` around the trained weights.
 
     Args:
         model: the trained network (its current weights are ``w``; restored afterwards).
-        init: the initial weights ``w0``: a flat vector over ``params`` or a model with the same
-            parameters (e.g. a copy saved before training).
+        init: the prior's centre ``w0``: a model with the same parameters and buffers (e.g. a
+            copy saved before training, whose BatchNorm statistics are the untouched 0 / 1),
+            or a flat vector over ``params`` (only for models without BatchNorm).
         x, y: the m training samples the model was trained on (the bound is over this sample).
         s_grid: candidate scales (J values), fixed before looking at the data.
         n_mc: weight draws for the empirical Gibbs error (per grid value).
@@ -168,9 +261,15 @@ def pac_bayes_bound(
             data-independent (e.g. frozen at initialisation).
         batch_size: evaluation chunk size.
         generator: RNG for the weight draws.
+        batchnorm: ``"bounded"`` (default: running statistics are drawn and counted in the KL)
+            or ``"fixed"`` (held at their trained values; the result is marked not valid).
 
     Returns:
         :class:`PACBayesBound` at the grid value with the smallest ``bound``.
+
+    Raises:
+        ValueError: bad deltas, grid or sizes; a BatchNorm without running statistics; a flat
+            ``init`` for a model with BatchNorm; a non-BatchNorm buffer differing from init's.
     """
     if not 0 < delta_mc < delta < 1:
         raise ValueError(f"need 0 < delta_mc < delta < 1, got delta={delta}, delta_mc={delta_mc}")
@@ -183,16 +282,51 @@ def pac_bayes_bound(
     if m != int(y.shape[0]) or m == 0:
         raise ValueError(f"x and y must hold the same non-zero number of samples, got {m}, "
                          f"{y.shape[0]}")
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
     w = flat_params(model, params)
     w0 = flat_params(init, params) if isinstance(init, nn.Module) else init.reshape(-1)
     if w0.numel() != w.numel():
         raise ValueError(f"init has {w0.numel()} parameters, the model has {w.numel()}")
+    bns = _batchnorms(model)
+    if isinstance(init, nn.Module):
+        _check_other_buffers(model, init)
+    assumptions = [
+        f"the m = {m} samples are i.i.d. from the distribution bounded, and the prior (init, "
+        "the s grid, delta) was fixed without them",
+        "the classifier's output on one example does not depend on the rest of its batch",
+    ]
+    valid = True
+    b = b0 = torch.zeros(0, dtype=torch.float64)
+    if bns and batchnorm == "bounded":
+        if not isinstance(init, nn.Module):
+            raise ValueError("a model with BatchNorm needs init as a module: the prior's "
+                             "centre includes its running statistics")
+        b, b0 = _bn_vector(bns), _bn_vector(_batchnorms(init))
+        if b0.numel() != b.numel():
+            raise ValueError(f"init has {b0.numel()} BatchNorm statistics, the model "
+                             f"{b.numel()}")
+        assumptions.append(
+            f"BatchNorm running statistics ({b.numel()} means and log stds) are drawn with the "
+            "weights and counted in the KL; the prior's statistics are init's, which must not "
+            "have seen the m samples (a fresh BatchNorm: mean 0, variance 1)")
+    elif bns:
+        valid = False
+        assumptions.append(
+            "NOT MET: BatchNorm running statistics are held at their trained values in prior "
+            "and posterior (batchnorm='fixed'); they were computed from training data, so the "
+            "prior depends on the sample")
+    if params is not None:
+        assumptions.append("parameters outside `params` are held at their trained values and "
+                           "must be data-independent (e.g. frozen at initialisation)")
     J = len(grid_vals)
     delta_pb = delta - delta_mc
     confidence = math.log(2.0 * math.sqrt(m) * J / delta_pb) / m
     mc_budget = math.log(2.0 * J / delta_mc) / n_mc
     det_err = zero_one_error(model, x, y, batch_size)
     w64 = w.to("cpu", torch.float64)
+    bn_saved = [(mod.running_mean.detach().clone(), mod.running_var.detach().clone())  # type: ignore[union-attr]
+                for _, mod in bns]
     rows = []
     try:
         for s in grid_vals:
@@ -200,23 +334,35 @@ def pac_bayes_bound(
             for _ in range(n_mc):
                 eps = torch.randn(w64.shape, generator=generator, dtype=torch.float64)
                 assign_flat_(model, w64 + s * eps, params)
+                if b.numel():
+                    eb = torch.randn(b.shape, generator=generator, dtype=torch.float64)
+                    _assign_bn_(bns, b + s * eb)
                 errs.append(zero_one_error(model, x, y, batch_size))
             emp = sum(errs) / n_mc
+            emp_std = math.sqrt(sum((e - emp) ** 2 for e in errs) / max(n_mc - 1, 1))
             emp_up = kl_inv_upper(emp, mc_budget)
-            kl = gaussian_kl(w, w0, s)
+            kl = gaussian_kl(torch.cat([w.to("cpu", torch.float64), b]),
+                             torch.cat([w0.to("cpu", torch.float64), b0]), s)
             complexity = kl / m + confidence
             rows.append({
-                "s": s, "kl": kl, "empirical": emp, "empirical_upper": emp_up,
+                "s": s, "kl": kl, "empirical": emp, "empirical_std": emp_std,
+                "empirical_upper": emp_up,
                 "complexity": complexity,
                 "bound": kl_inv_upper(emp_up, complexity),
                 "bound_sqrt": min(1.0, emp_up + math.sqrt(complexity / 2.0)),
             })
     finally:
         assign_flat_(model, w, params)
+        with torch.no_grad():
+            for (_, mod), (rm, rv) in zip(bns, bn_saved, strict=True):
+                mod.running_mean.copy_(rm)  # type: ignore[union-attr]
+                mod.running_var.copy_(rv)  # type: ignore[union-attr]
     best = min(rows, key=lambda r: r["bound"])
     return PACBayesBound(
         bound=best["bound"], bound_sqrt=best["bound_sqrt"], kl=best["kl"],
         empirical=best["empirical"], empirical_upper=best["empirical_upper"],
         confidence=confidence, complexity=best["complexity"], s=best["s"],
-        deterministic_error=det_err, m=m, n_mc=n_mc, delta=delta, delta_mc=delta_mc, grid=rows,
+        deterministic_error=det_err, m=m, n_mc=n_mc, delta=delta, delta_mc=delta_mc,
+        batchnorm=batchnorm, n_batchnorm_stats=int(b.numel()), valid=valid,
+        assumptions=assumptions, grid=rows,
     )
