@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> None:
         "command": "python scripts/sde_check.py " + " ".join(sys.argv[1:]),
         "commit": _git("rev-parse", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--", "src/dsbp", "scripts/sde_check.py")),
+        "dirty_paths": _git("status", "--porcelain", "--", "src/dsbp",
+                            "scripts/sde_check.py").splitlines(),
         "device": f"cpu: {_cpu()} ({args.threads} thread)",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -88,12 +90,12 @@ def render(path: Path) -> str:
         lines.append("|---|---|" + "---|" * len(etas) + "---|---|---|")
         for v in VARIANTS:
             for name in ("loss", "fluctuation"):
-                errs = " | ".join(f"{e:+.4f} ± {s:.4f}" for e, s in
+                errs = " | ".join(f"{e:+.5f} ± {s:.5f}" for e, s in
                                   zip(r["errors"][v][name], r["stderr"][v][name], strict=True))
                 a, sa = r["limit"][v][name]
                 o, so = r["order"][v][name]
                 verdict = "accepted" if r["accepted"][v] else "rejected"
-                lines.append(f"| {v} | {name} | {errs} | {a:+.4f} ± {sa:.4f} | "
+                lines.append(f"| {v} | {name} | {errs} | {a:+.5f} ± {sa:.5f} | "
                              f"{o:.2f} ± {so:.2f} | {verdict} |")
         lines.append("")
     lines.append(f"- `{path.relative_to(ROOT)}`: {rec['device']}, torch {rec['torch']}, "
