@@ -39,7 +39,7 @@ Carlo nor discretisation error, and nothing couples its noise to the iterates'.
   ``f(w) = ||w - E w||^2 / eta``, each process centred at its own mean, so that an O(eta)
   offset of the mean (the basis's first refreshes, the drift's discretisation) does not hide
   the diffusion. For the right SDE the error is O(eta); for a diffusion scaled by c it tends
-  to ``(c^2 - 1) tr(Cov_T) / eta``, which does not vanish.
+  to ``(1 - c^2) tr(Cov_T) / eta``, which does not vanish.
 
 An SDE is accepted when both weak errors extrapolate to zero as eta -> 0 (a weighted fit of
 ``a + b eta + c eta^2``, :func:`extrapolate_to_zero`; ``|a|`` within 4 standard errors). A wrong
