@@ -63,6 +63,9 @@ def add_bench(sub: Any) -> None:
                    help="data-parallel processes per run (DDP; gloo on CPU, nccl with N GPUs): "
                    "each takes batch_size/N examples of every global batch; methods sgd, "
                    "adamw, sam, dsbp, dsbp_input, dsbp_tuned (see docs/distributed.md)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --nproc N / torchrun: shard each model with FSDP2 (fully_shard per "
+                   "block and at the root) instead of DDP; no checkpoints (docs/distributed.md)")
     p.add_argument("--threads", type=int,
                    help="torch intra-op CPU threads (default: torch's; recorded in env.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -90,7 +93,8 @@ def _grid_from_args(args: argparse.Namespace) -> tuple[list[Any], str | None]:
              "subset": args.subset, "eval_subset": args.eval_subset, "augment": args.augment,
              "val_split": args.val_split,
              "device": args.device, "amp": args.amp, "data_root": args.data_root,
-             "track": tuple(args.track) if args.track else None}
+             "track": tuple(args.track) if args.track else None,
+             "sharding": "fsdp2" if getattr(args, "fsdp", False) else None}
     explicit = {k: v for k, v in flags.items() if v is not None}
     if args.track:
         check_trackers(args.track)
@@ -155,6 +159,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_under_torchrun(runs, out, meta, args, threads, launched)
     if args.nproc > 1:
         return _bench_multiprocess(runs, out, meta, args, threads)
+    if getattr(args, "fsdp", False):
+        raise ValueError("--fsdp shards a model over several processes: add --nproc N (N > 1) "
+                         "or start under torchrun")
     _set_threads(threads)
     print(f"dsbp bench: {len(runs)} runs -> {out}")
     made = bench(runs, out, meta=meta, resume=args.resume, progress=not args.no_progress)

@@ -77,6 +77,9 @@ class RunConfig:
         checkpoint_every: steps between checkpoints (also one at every epoch end); 0: epoch
             ends only.
         data_root: folder holding the data files (None: the data module's default search).
+        sharding: how a multi-process run splits the model: ``ddp`` (replicated weights,
+            averaged gradients) or ``fsdp2`` (``fully_shard``: weights, gradients and optimizer
+            state sharded by rows; docs/distributed.md). Ignored in one process.
     """
 
     dataset: str = "bundled"
@@ -104,6 +107,7 @@ class RunConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     data_root: str | None = None
+    sharding: str = "ddp"
 
     def __post_init__(self) -> None:
         # Frozen: normalise through object.__setattr__ so JSON round trips compare equal.
@@ -162,6 +166,9 @@ class RunConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ValueError(f"RunConfig.{name} must be None or an integer >= 1, got {v!r}")
+        if self.sharding not in ("ddp", "fsdp2"):
+            raise ValueError(f"RunConfig.sharding must be 'ddp' or 'fsdp2', got "
+                             f"{self.sharding!r}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"RunConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
         if not all(isinstance(t, str) and t for t in self.track):

@@ -175,6 +175,9 @@ def environment(device: torch.device) -> dict[str, Any]:
 # DDP), dom_sgd / bulk_sgd / interp_sgd (each rank would take its Hessian basis on its own
 # slice, so the ranks' weights would drift apart), and methods registered by plugins.
 DDP_METHODS = frozenset({"sgd", "adamw", "sam", "dsbp", "dsbp_input", "dsbp_tuned"})
+# Under FSDP2 (sharding='fsdp2') the same minus SAM (its perturbation was not checked on
+# DTensor gradients).
+FSDP_METHODS = DDP_METHODS - {"sam"}
 
 
 def world() -> tuple[int, int]:
@@ -208,6 +211,9 @@ def check_ddp(cfg: RunConfig, world_size: int) -> None:
     if cfg.method not in DDP_METHODS:
         raise ValueError(f"method {cfg.method!r} is not supported with --nproc {world_size}; "
                          f"supported: {sorted(DDP_METHODS)} (see docs/distributed.md)")
+    if cfg.sharding == "fsdp2" and cfg.method not in FSDP_METHODS:
+        raise ValueError(f"method {cfg.method!r} is not supported with sharding='fsdp2'; "
+                         f"supported: {', '.join(sorted(FSDP_METHODS))}")
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by --nproc "
                          f"{world_size}: every rank takes an equal slice of each global batch")
@@ -507,6 +513,7 @@ def run(
         dataset = load_dataset(cfg.dataset, root=cfg.data_root)
     barrier()  # every rank has checked run_dir before rank 0 writes into it
     env = environment(device)
+    env["sharding"] = cfg.sharding if world_size > 1 else "none"
     env["data"] = {"dataset": cfg.dataset, "data_root": cfg.data_root,
                    "source": str(getattr(dataset, "source", "")), "files": data_files(dataset)}
     if is_writer():
@@ -536,6 +543,11 @@ def run(
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     if world_size > 1 and device.type == "cuda":  # SyncBatchNorm needs CUDA (torch 2.13)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sharded = world_size > 1 and cfg.sharding == "fsdp2"
+    if sharded:  # FSDP2 before the optimizer is built: it sees the DTensor parameters
+        from dsbp.optim.distributed import shard_model
+
+        shard_model(model)
     loss_fn = build_loss(cfg)
     method = build_method(model, cfg, BuildContext(loss_fn=loss_fn, train=data.train,
                                                    device=device, num_classes=data.num_classes))
@@ -543,7 +555,7 @@ def run(
         method.close()
         raise ValueError(f"amp='fp16' is not supported for {cfg.method!r} (closure step); "
                          "use amp='bf16'")
-    if world_size > 1:  # gradients averaged over ranks in every backward (SAM: both passes)
+    if world_size > 1 and not sharded:  # gradients averaged over ranks (SAM: both passes)
         from torch.nn.parallel import DistributedDataParallel
 
         method.model = DistributedDataParallel(
@@ -570,6 +582,8 @@ def run(
         if not is_writer():
             return
         atomic.write_jsonl(metrics_path, st.records)
+        if sharded:  # rank 0 holds only its shards: no checkpoint (a resumed run restarts)
+            return
         atomic.torch_save(ckpt_path, {
             "format": CHECKPOINT_FORMAT,
             "model": unwrap(method.model).state_dict(),
@@ -612,5 +626,6 @@ def load_config(run_dir: str | Path) -> RunConfig:
 __all__ = ["RunResult", "load_config", "read_result", "run", "write_error", "environment",
            "FINISHED", "config_diff", "describe_diff", "load_checkpoint", "data_files",
            "check_data_root", "file_sha256",
-           "DDP_METHODS", "RankShard", "barrier", "check_ddp", "is_writer", "unwrap", "world",
+           "DDP_METHODS", "FSDP_METHODS", "RankShard", "barrier", "check_ddp", "is_writer",
+           "unwrap", "world",
            "git_commit", "device_name", "rng_state", "set_rng_state", "seed_everything"]

@@ -64,7 +64,7 @@ from dsbp.optim.projector import SpectralProjector
 
 __all__ = ["CommStats", "DistributedDSBP", "DistributedSpectralProjector",
            "ProcessGroupCommunicator", "free_port", "launch", "load_checkpoint",
-           "save_checkpoint"]
+           "save_checkpoint", "shard_model"]
 
 
 class CommStats:
@@ -279,6 +279,33 @@ class DistributedDSBP(DSBP):
         comm = self.projector.comm
         assert isinstance(comm, ProcessGroupCommunicator)
         return comm
+
+
+def shard_model(model: nn.Module, units: Iterable[nn.Module] | None = None) -> list[str]:
+    """Wrap ``model`` with FSDP2's ``fully_shard``: each unit, then the root.
+
+    Args:
+        model: the model (on its device; build the optimizer afterwards).
+        units: the modules to shard as their own units (all-gathered one at a time). Default:
+            the elements of every ``nn.ModuleList`` (transformer blocks), else every direct
+            child of the root that has parameters.
+
+    Returns:
+        The names of the units (the root, ``""``, last).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(m): n for n, m in model.named_modules()}
+    if units is None:
+        units = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+        if not units:
+            units = [m for m in model.children() if any(True for _ in m.parameters())]
+    done = []
+    for m in units:
+        fully_shard(m)
+        done.append(names.get(id(m), type(m).__name__))
+    fully_shard(model)
+    return [*done, ""]
 
 
 # ---------------------------------------------------------------------------- checkpoints
