@@ -4,8 +4,11 @@ The convention (docs/numbers.md has the full text):
 
 - A marker ``<!-- source: PATH[, PATH ...] -->`` (paths from the repository root, globs
   allowed) names the committed machine-written files (JSON, CSV, or text a script wrote) that
-  the text after it comes from. It governs everything up to the next ``source`` marker, the
-  next ``<!-- /source -->``, or the next Markdown heading, whichever comes first.
+  the text after it comes from. ``run: SCRIPT ARGS`` in the list names a Python script of the
+  repository that only reads committed files (a table renderer such as
+  ``benchmarks/report.py``): the check runs it and reads the numbers it prints. A marker
+  governs everything up to the next ``source`` marker, the next ``<!-- /source -->``, or the
+  next Markdown heading, whichever comes first.
 - Checked numbers: every decimal (``0.946``, ``1.073x``, ``5.41%``, ``3.2e-5``) and every
   integer written as a ratio or percentage (``37x``, ``16-17x``, ``8%``). Plain integers
   (epochs, layer counts, seeds) are not checked. Text inside code (fenced blocks and inline
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,31 +112,62 @@ _value_cache: dict[Path, tuple[float, ...]] = {}
 def source_values(path: Path) -> tuple[float, ...]:
     """Every number written in a source file (JSON, CSV or text), as floats."""
     if path not in _value_cache:
-        text = path.read_text(errors="replace")
-        vals = []
-        for m in _SOURCE_NUMBER.finditer(text):
-            try:
-                v = float(m.group(0))
-            except ValueError:
-                continue
-            if math.isfinite(v):
-                vals.append(v)
-        _value_cache[path] = tuple(vals)
+        _value_cache[path] = _numbers(path.read_text(errors="replace"))
     return _value_cache[path]
 
 
-def _resolve(spec: str, root: Path) -> list[Path]:
-    out: list[Path] = []
-    for part in re.split(r"[,\s]+", spec.strip()):
-        if not part:
-            continue
-        if any(c in part for c in "*?["):
-            out.extend(sorted(p for p in root.glob(part) if p.is_file()))
-        elif (root / part).is_file():
-            out.append(root / part)
+_run_cache: dict[tuple[str, ...], tuple[float, ...] | str] = {}
+
+
+def run_values(cmd: tuple[str, ...], root: Path) -> tuple[float, ...] | str:
+    """Numbers printed by ``python SCRIPT ARGS`` (a script in the repository that only reads
+    committed files, e.g. a table renderer), or an error message."""
+    if cmd not in _run_cache:
+        script = root / cmd[0]
+        if not cmd[0].endswith(".py") or not script.is_file():
+            _run_cache[cmd] = f"run: {cmd[0]} is not a Python script in the repository"
         else:
-            out.append(Path(part))  # missing: reported by the caller
-    return out
+            try:
+                out = subprocess.run([sys.executable, str(script), *cmd[1:]], cwd=root,
+                                     capture_output=True, text=True, timeout=120, check=True)
+                _run_cache[cmd] = _numbers(out.stdout)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+                _run_cache[cmd] = f"run: {' '.join(cmd)} failed ({type(err).__name__})"
+    return _run_cache[cmd]
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    vals = []
+    for m in _SOURCE_NUMBER.finditer(text):
+        try:
+            v = float(m.group(0))
+        except ValueError:
+            continue
+        if math.isfinite(v):
+            vals.append(v)
+    return tuple(vals)
+
+
+def _resolve(spec: str, root: Path) -> tuple[list[Path], list[tuple[str, ...]]]:
+    """Files and ``run:`` commands named by a source marker's argument."""
+    out: list[Path] = []
+    cmds: list[tuple[str, ...]] = []
+    for chunk in spec.split(","):
+        chunk = chunk.strip()
+        if chunk.startswith("run:"):
+            words = tuple(chunk[4:].split())
+            if words:
+                cmds.append(words)
+            continue
+        for part in chunk.split():
+            if any(c in part for c in "*?["):
+                out.extend(sorted(p for p in root.glob(part) if p.is_file())
+                           or [Path(part)])  # a glob matching nothing: reported as missing
+            elif (root / part).is_file():
+                out.append(root / part)
+            else:
+                out.append(Path(part))  # missing: reported by the caller
+    return out, cmds
 
 
 def _strip(line: str) -> str:
@@ -168,14 +203,20 @@ def check_text(text: str, doc: str = "<text>", root: Path = ROOT) -> list[Proble
                 allowed |= set(nums)
                 allowed_vals = allowed_vals + tuple(float(n) for n in nums)
             else:
-                paths = _resolve(arg, root)
+                paths, cmds = _resolve(arg, root)
                 vals: list[float] = []
                 for p in paths:
                     if not p.is_file():
                         problems.append(Problem(doc, i + 1, arg, f"source {p} does not exist"))
                         continue
                     vals.extend(source_values(p))
-                if not paths:
+                for cmd in cmds:
+                    got = run_values(cmd, root)
+                    if isinstance(got, str):
+                        problems.append(Problem(doc, i + 1, arg, got))
+                    else:
+                        vals.extend(got)
+                if not paths and not cmds:
                     problems.append(Problem(doc, i + 1, arg, "source marker names no file"))
                 scope = _Scope(tuple(arg.split()), tuple(vals), i + 1)
         body = _strip(raw)

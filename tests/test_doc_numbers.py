@@ -104,3 +104,11 @@ def test_allow_marker_until_heading(src: Path) -> None:
 def test_marker_inside_code_is_not_a_marker(src: Path) -> None:
     text = "Write `<!-- source: r/a.json -->` before a table.\n1.073\n"
     assert _nums(cdn.check_text(text, root=src)) == ["1.073"]
+
+
+def test_run_source_reads_the_script_output(src: Path) -> None:
+    (src / "render.py").write_text("import sys\nprint('| total |', 1.0 + 0.0241, sys.argv[1])\n")
+    text = "<!-- source: r/a.json, run: render.py 7.25 -->\n1.024x 1.073 7.25 and 9.99\n"
+    assert _nums(cdn.check_text(text, root=src)) == ["9.99"]
+    probs = cdn.check_text("<!-- source: run: nope.py -->\n1.0\n", root=src)
+    assert any("not a Python script" in p.why for p in probs)
