@@ -87,7 +87,8 @@ def _tiny_spec() -> table.TableSpec:
         recommended={"rank": 2, "interval": 1, "sharpness": 0.1, "power_iters": 2,
                      "residual": 0.5},
         fewshot={"width": 4, "meta_iters": 1, "meta_batch": 1, "inner_steps": 1,
-                 "test_inner_steps": 1, "n_query": 2, "test_episodes": 2}, k_shot=1)
+                 "test_inner_steps": 1, "n_query": 2, "test_episodes": 2}, k_shot=1,
+        ablate_rank=(1, 2), ablate_interval=(1, 3), prune_taus=(0.9,))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def tiny_table(tmp_path_factory):
     out = tmp_path_factory.mktemp("table")
     torch.set_num_threads(1)
     made = table.run_table(_tiny_spec(), out, progress=False, log=lambda _: None,
-                           command="test")
+                           command="test", protocols=table.PROTOCOLS)
     return out, made
 
 
@@ -109,7 +110,10 @@ def test_tiny_table_rows_columns_and_protocols(tiny_table):
     got = {(r["protocol"], r["method"]) for r in rows}
     assert got == ({("supervised", m) for m in table.SUPERVISED_METHODS}
                    | {("transfer", m) for m in ("sgd", *table.FINETUNE_METHODS)}
-                   | {("fewshot", "maml")})
+                   | {("fewshot", "maml"), ("ablation", "dsbp")}
+                   | {("pruning", f"{m}+factorise@0.9") for m in ("sgd", "dsbp", "dsbp_tuned")})
+    ab = {(r["rank"], r["interval"]) for r in rows if r["protocol"] == "ablation"}
+    assert ab == {("1", "1"), ("2", "1"), ("2", "3")}  # k at the paper's p, p at its k
     fs = next(r for r in rows if r["protocol"] == "fewshot")
     assert fs["model"] == "conv4" and fs["device"] and fs["test_loss"] and fs["n_way"] == "3"
     # the recommended configuration's warm-up is one epoch of steps: 100 images / batch 50
@@ -118,6 +122,7 @@ def test_tiny_table_rows_columns_and_protocols(tiny_table):
     report = made["report"].read_text()
     assert "| Fashion-MNIST |" in report and "93.8" in report  # the paper's claim, quoted
     assert "[ours]" in report and "Every gap" in report
+    assert "## Ablations of k and p" in report and "## Pruning ablation" in report
     info = json.loads((out / "table.json").read_text())
     assert info["env"]["cpu_vector"] and info["env"]["blas"]
 

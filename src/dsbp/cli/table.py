@@ -38,7 +38,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seeds", type=int, help="number of seeds (default the variant's: 3)")
     p.add_argument("--datasets", type=_csv, help="a subset of the rows (registry names)")
     p.add_argument("--protocols", type=_csv, default=["supervised", "transfer", "fewshot"],
-                   help="supervised,transfer,fewshot (default all)")
+                   help="supervised,transfer,fewshot (default); ablation adds the k and p "
+                   "ablations and the pruning ablation (after supervised)")
     p.add_argument("--data-root", help="folder with the data files (default: the data search)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

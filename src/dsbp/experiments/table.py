@@ -55,11 +55,14 @@ from dsbp.experiments.config import PAPER_DSBP_KWARGS, RunConfig
 from dsbp.experiments.report import PAPER_CLAIMED_ACC, mean_std
 
 SUPERVISED_METHODS = ("sgd", "sam", "dsbp", "dsbp_tuned")
+# what run_table can run; "ablation" (k, p; then pruning) is not in the default set
+PROTOCOLS = ("supervised", "transfer", "fewshot", "ablation")
 FINETUNE_METHODS = ("ft_lora", "ft_sgd", "ft_dsbp", "ft_dsbp_tuned")
 CORE_COLUMNS = ("dataset", "model", "method", "seed", "epochs", "test_acc", "test_loss",
                 "wall_s", "device")
 TABLE_COLUMNS = (*CORE_COLUMNS, "row", "column", "protocol", "task", "n_way", "k_shot",
-                 "ci95", "n_episodes", "status", "run")
+                 "ci95", "n_episodes", "rank", "interval", "tau", "params", "params_original",
+                 "acc_before_finetune", "status", "run")
 # Table columns in the paper's order, with the (protocol, method) that fills each.
 COLUMNS = (("SGD", "supervised", "sgd"), ("SAM", "supervised", "sam"),
            ("LoRA", "transfer", "ft_lora"), ("MAML", "fewshot", "maml"),
@@ -222,6 +225,11 @@ class TableSpec:
         k_shot: K of the MAML column.
         threads: torch CPU threads (None: torch's default).
         note: what the variant is, one line.
+        ablate_rank, ablate_interval: the paper's k and p ablations: DSBP at the paper's
+            settings with k swept at the paper's p, and p swept at the paper's k.
+        ablate_seeds: seeds of the ablations (0..n-1).
+        prune_taus: energy thresholds of the pruning ablation (``dsbp.experiments.prune``,
+            factorise mode, one fine-tuning epoch) on seed 0's SGD and DSBP supervised runs.
     """
 
     name: str
@@ -237,6 +245,10 @@ class TableSpec:
     k_shot: int = 5
     threads: int | None = None
     note: str = ""
+    ablate_rank: tuple[int, ...] = (2, 5, 10, 20)
+    ablate_interval: tuple[int, ...] = (10, 100, 1000)
+    ablate_seeds: int = 1
+    prune_taus: tuple[float, ...] = (0.9, 0.99)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description (saved in ``table.json``)."""
@@ -396,6 +408,47 @@ def _rows(spec: TableSpec, datasets: Sequence[str] | None) -> list[RowPlan]:
     return [known[d] for d in datasets]
 
 
+def ablation_runs(spec: TableSpec, loader: TaskLoader,
+                  datasets: Sequence[str] | None = None) -> list[Any]:
+    """The ``ablation/`` grid: DSBP at the paper's settings with k swept at the paper's p and
+    p swept at the paper's k (the paper's k and p ablations), per row and ablation seed."""
+    from dsbp.experiments.sweep import GridRun
+
+    k0, p0 = int(spec.paper_dsbp["rank"]), int(spec.paper_dsbp["interval"])
+    points = [(k, p0) for k in spec.ablate_rank] + [
+        (k0, p) for p in spec.ablate_interval if (k0, p) not in
+        [(k, p0) for k in spec.ablate_rank]]
+    runs = []
+    for row in _rows(spec, datasets):
+        for k, p in points:
+            for seed in range(spec.ablate_seeds):
+                cfg = _row_cfg(spec, row, row.task, "dsbp", seed,
+                               **{**spec.paper_dsbp, "rank": k, "interval": p})
+                runs.append(GridRun(cfg, ("rank", "interval")))
+    return runs
+
+
+def prune_supervised(spec: TableSpec, loader: TaskLoader, out: Path, rows: Sequence[RowPlan],
+                     *, log: Callable[[str], None]) -> None:
+    """The pruning ablation: factorise seed 0's SGD, DSBP and recommended-DSBP supervised
+    models at ``spec.prune_taus`` and fine-tune one epoch (``prune.json`` in each run)."""
+    from dsbp.experiments.prune import prune_run
+    from dsbp.experiments.run import load_config
+
+    for row in rows:
+        for method in ("sgd", "dsbp", "dsbp_tuned"):
+            found = [r for r in supervised_runs(spec, loader, [row.dataset])
+                     if r.cfg.method == method and r.cfg.seed == 0]
+            rdir = out / "supervised" / "runs" / found[0].name
+            if (rdir / "prune.json").exists():
+                continue
+            if not (rdir / "checkpoint.pt").exists():
+                log(f"pruning: {rdir.name} has no checkpoint (run the supervised protocol first)")
+                continue
+            prune_run(rdir, spec.prune_taus, "factorise", 1,
+                      dataset=loader(load_config(rdir)), log=log)
+
+
 # --------------------------------------------------------------------------------- few-shot
 def fewshot_split(ds: Any, row: RowPlan, seed: int) -> Any:
     """Meta-train / meta-test data of a row: held-out classes (``fewshot.split_classes``), or
@@ -490,9 +543,9 @@ def run_table(
     if not resume and (out / "table.json").exists():
         raise FileExistsError(f"{out} already holds a table; pass --resume or choose another "
                               "--out")
-    bad = sorted(set(protocols) - {"supervised", "transfer", "fewshot"})
+    bad = sorted(set(protocols) - set(PROTOCOLS))
     if bad:
-        raise ValueError(f"unknown protocol(s) {bad}; choose from supervised, transfer, fewshot")
+        raise ValueError(f"unknown protocol(s) {bad}; choose from {', '.join(PROTOCOLS)}")
     if data_root is not None:
         spec = dataclasses.replace(spec, base=spec.base.replace(data_root=data_root))
     if spec.threads is not None:
@@ -509,12 +562,13 @@ def run_table(
     if not (resume and (out / "table.json").exists()):
         atomic.write_json(out / "table.json", info)
     t0 = time.perf_counter()
-    for proto in ("supervised", "transfer"):
+    for proto in ("supervised", "transfer", "ablation"):
         if proto not in protocols:
             continue
         sub = out / proto
         runs = (supervised_runs(spec, loader, datasets) if proto == "supervised"
-                else transfer_runs(spec, loader, out, datasets))
+                else transfer_runs(spec, loader, out, datasets) if proto == "transfer"
+                else ablation_runs(spec, loader, datasets))
         meta = {"command": command, "preset": f"table_{spec.name}",
                 "label": f"{spec.note}; {proto} protocol of the comparison table",
                 "env": env, "seeds": list(range(spec.seeds)), "runs": [r.name for r in runs]}
@@ -523,6 +577,8 @@ def run_table(
             atomic.write_json(sub / "bench.json", meta)
         log(f"dsbp table: {proto}: {len(runs)} runs -> {sub}")
         run_grid(runs, sub, resume=resume, progress=progress, log=log, loader=loader)
+    if "ablation" in protocols:
+        prune_supervised(spec, loader, out, rows, log=log)
     if "fewshot" in protocols:
         log(f"dsbp table: fewshot: {len(rows) * spec.seeds} MAML cells -> {out / 'maml'}")
         run_fewshot(spec, loader, out, rows, resume=resume, log=log, command=command)
@@ -555,11 +611,22 @@ def collect_table_rows(out: str | Path) -> list[dict[str, Any]]:
         row_of[("source", plan["source"])] = plan["dataset"]
         row_of[("target", plan["target"])] = plan["dataset"]
     rows: list[dict[str, Any]] = []
-    for proto in ("supervised", "transfer"):
+    for proto in ("supervised", "transfer", "ablation"):
         if not (out / proto / "runs").is_dir():
             continue
         found, _ = collect_rows(out / proto)
         for r in found:
+            if proto == "ablation":
+                cfg = json.loads((out / proto / "runs" / r["run"] / "config.json").read_text())
+                kw = cfg["method_kwargs"]
+                rows.append({**{k: r[k] for k in CORE_COLUMNS},
+                             "dataset": parse_task(r["dataset"])[0],
+                             "row": row_of.get(("supervised", r["dataset"]), r["dataset"]),
+                             "column": f"DSBP k={kw['rank']} p={kw['interval']}",
+                             "protocol": "ablation", "task": r["dataset"], "rank": kw["rank"],
+                             "interval": kw["interval"], "status": r["status"],
+                             "run": r["run"]})
+                continue
             base, _, _ = parse_task(r["dataset"])
             pretrain = proto == "transfer" and r["method"] == "sgd"
             role = "supervised" if proto == "supervised" else "source" if pretrain else "target"
@@ -571,6 +638,7 @@ def collect_table_rows(out: str | Path) -> list[dict[str, Any]]:
                          "row": row_of.get((role, r["dataset"]), base), "column": label,
                          "protocol": proto, "task": r["dataset"], "status": r["status"],
                          "run": r["run"]})
+    rows += _prune_rows(out, row_of)
     fdir = out / "maml" / "runs"
     env = {}
     if (out / "maml" / "env.json").exists():
@@ -586,6 +654,32 @@ def collect_table_rows(out: str | Path) -> list[dict[str, Any]]:
             "protocol": "fewshot", "task": c["dataset"], "n_way": c["n_way"],
             "k_shot": c["k_shot"], "ci95": c["ci95"], "n_episodes": c["n_episodes"],
             "status": c.get("status", "ok"), "run": c["cell"]})
+    return rows
+
+
+def _prune_rows(out: Path, row_of: Mapping[tuple[str, str], str]) -> list[dict[str, Any]]:
+    """One row per (supervised run, tau) of the pruning ablation (``prune.json`` files)."""
+    rows: list[dict[str, Any]] = []
+    sdir = out / "supervised" / "runs"
+    for path in sorted(sdir.glob("*/prune.json")) if sdir.is_dir() else []:
+        p = json.loads(path.read_text())
+        if "skipped" in p:
+            continue
+        cfg = json.loads((path.parent / "config.json").read_text())
+        env = json.loads((path.parent / "env.json").read_text())
+        for t in p["results"]:
+            rows.append({
+                "dataset": parse_task(cfg["dataset"])[0],
+                "row": row_of.get(("supervised", cfg["dataset"]), cfg["dataset"]),
+                "model": cfg["model"], "method": f"{cfg['method']}+factorise@{t['tau']:g}",
+                "seed": cfg["seed"], "epochs": p["finetune_epochs"],
+                "test_acc": t["acc_after"], "test_loss": t["loss_after"],
+                "wall_s": t["finetune_s"], "device": env.get("device_name", ""),
+                "column": f"pruning ({cfg['method']})", "protocol": "pruning",
+                "task": cfg["dataset"], "tau": t["tau"], "params": t["params"],
+                "params_original": p["original"]["params"],
+                "acc_before_finetune": t["acc_before"], "status": "ok",
+                "run": path.parent.name})
     return rows
 
 
@@ -707,6 +801,7 @@ def report_lines(out: Path, rows: Sequence[Mapping[str, Any]]) -> list[str]:
                     _sub_row_name(d), f"{g[0]['n_way']}-way {g[0]['k_shot']}-shot",
                     str(g[0]["n_episodes"]), _cell([float(r["test_acc"]) for r in g]),
                     f"{100 * statistics.fmean(float(r['ci95']) for r in g):.2f}"]) + " |")
+    lines += ablation_lines(rows, datasets)
     lines += ["", "## Protocol", ""] + protocol_lines(info)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
@@ -723,6 +818,58 @@ def report_lines(out: Path, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     base_note = (f"model `{base.get('model')}` {json.dumps(base.get('model_kwargs', {}))}, "
                  f"batch {base.get('batch_size')}, lr {base.get('lr')}")
     lines.insert(4, f"- **Training:** {base_note} (see Protocol).")
+    return lines
+
+
+def ablation_lines(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str]) -> list[str]:
+    """The k, p and pruning ablation sections (empty when those protocols did not run)."""
+    ab = [r for r in rows if r["protocol"] == "ablation" and r["status"] == "ok"]
+    lines: list[str] = []
+    if ab:
+        ks = sorted({int(r["rank"]) for r in ab})
+        ps = sorted({int(r["interval"]) for r in ab})
+        k0 = statistics.mode(int(r["rank"]) for r in ab)
+        p0 = statistics.mode(int(r["interval"]) for r in ab)
+        seeds = sorted({int(r["seed"]) for r in ab})
+        lines += ["", "## Ablations of k and p (DSBP at the paper's other settings)", "",
+                  f"Test accuracy (%), seeds {', '.join(map(str, seeds))} [ours: "
+                  f"{len(seeds)} seed(s), CPU time]; k swept at p = {p0}, p swept at "
+                  f"k = {k0}.", ""]
+        head = (["data set"] + [f"k={k} (p={p0})" for k in ks]
+                + [f"p={p} (k={k0})" for p in ps if p != p0])
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for d in datasets:
+            def acc(k: int, p: int, d: str = d) -> str:
+                return _cell([float(r["test_acc"]) for r in ab if r["row"] == d
+                              and int(r["rank"]) == k and int(r["interval"]) == p])
+            lines.append("| " + " | ".join([_sub_row_name(d)] + [acc(k, p0) for k in ks]
+                                           + [acc(k0, p) for p in ps if p != p0]) + " |")
+    pr = [r for r in rows if r["protocol"] == "pruning"]
+    if pr:
+        lines += ["", "## Pruning ablation (factorise at energy threshold tau, then one "
+                  "fine-tuning epoch)", "",
+                  "Seed 0's supervised models (`dsbp.experiments.prune`, factorise mode: each "
+                  "layer becomes two thinner ones keeping the top eigenvectors that hold a "
+                  "fraction tau of the output energy; SGD fine-tuning at a tenth of the run's "
+                  "lr). Accuracy (%) after fine-tuning (before it in brackets) and the "
+                  "parameters kept.", ""]
+        taus = sorted({float(r["tau"]) for r in pr})
+        head = ["data set", "trained with"] + [f"tau={t:g}" for t in taus]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for d in datasets:
+            for m in ("sgd", "dsbp", "dsbp_tuned"):
+                g = [r for r in pr if r["row"] == d and r["method"].startswith(m + "+")]
+                if not g:
+                    continue
+                cells = [_sub_row_name(d), m]
+                for t in taus:
+                    h = [r for r in g if float(r["tau"]) == t]
+                    cells.append("n/a" if not h else
+                                 f"{100 * float(h[0]['test_acc']):.2f} "
+                                 f"({100 * float(h[0]['acc_before_finetune']):.2f}), "
+                                 f"{int(h[0]['params']) / int(h[0]['params_original']):.2f}x "
+                                 "params")
+                lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -786,6 +933,14 @@ def protocol_lines(info: Mapping[str, Any]) -> list[str]:
         "the paper:** the paper gives MAML a single number (94.8, CIFAR-10 only) and does not "
         "say how MAML, a few-shot method, produced a 10-way test accuracy; our number is "
         "N-way K-shot episode accuracy on held-out classes, a different task.",
+        f"- **Ablations** (protocol `ablation`, not in the default set): DSBP at the paper's "
+        f"settings with k in {spec.get('ablate_rank')} at the paper's p and p in "
+        f"{spec.get('ablate_interval')} at the paper's k, "
+        f"seeds 0..{spec.get('ablate_seeds', 1) - 1}"
+        " [ours: one seed for CPU time]; pruning: factorise mode of `dsbp.experiments.prune` "
+        f"at tau in {spec.get('prune_taus')} on seed 0's SGD, DSBP and recommended-DSBP "
+        "models, one fine-tuning epoch [ours: the paper names a pruning ablation without a "
+        "protocol].",
         "- **Wall time** (`wall_s` in results.csv): training seconds without evaluation "
         "(MAML: meta-training seconds), on a shared machine: compare only within one run.",
     ]
@@ -850,7 +1005,7 @@ def finish_table(out: str | Path) -> dict[str, Path]:
     out = Path(out)
     if not is_table(out):
         raise ValueError(f"{out} is not a `dsbp table` folder (no table.json)")
-    for proto in ("supervised", "transfer"):
+    for proto in ("supervised", "transfer", "ablation"):
         if (out / proto / "runs").is_dir() and any((out / proto / "runs").iterdir()):
             finish(out / proto)
     if (out / "maml" / "runs").is_dir():
