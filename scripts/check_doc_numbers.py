@@ -11,8 +11,9 @@ The convention (docs/numbers.md has the full text):
   next Markdown heading, whichever comes first.
 - Checked numbers: every decimal (``0.946``, ``1.073x``, ``5.41%``, ``3.2e-5``) and every
   integer written as a ratio or percentage (``37x``, ``16-17x``, ``8%``). Plain integers
-  (epochs, layer counts, seeds) are not checked. Text inside code (fenced blocks and inline
-  backticks), HTML comments and link targets is not checked.
+  (epochs, layer counts, seeds) are not checked, nor versions (a number right after torch,
+  Python, CUDA, arXiv, ...). Text inside code (fenced blocks and inline backticks), HTML
+  comments and link targets is not checked.
 - A checked number passes when some number in a source file rounds to it at the precision it
   is written with (``0.946`` matches ``0.94612``; ``5.41%`` also matches ``0.0541``; ``41.7 ms``
   also matches ``0.0417`` seconds). Signs are ignored (ranges such as ``0.84-1.08``).
@@ -48,6 +49,10 @@ _DOC_NUMBER = re.compile(
     r"(?:(?P<suffix>[x%×])(?!\w)|(?![\w]|\.\d))(?P<unit>\s*(?:ms|s)\b)?")
 _MARKER = re.compile(r"<!--\s*(source|/source|allow)\s*:?\s*(.*?)\s*-->")
 _HEADING = re.compile(r"^#{1,6}\s")
+# A version or an identifier, not a measurement: "torch 2.13", "Python >= 3.10", "arXiv 2505.1".
+_VERSION_BEFORE = re.compile(
+    r"(?i)\b(torch|python|cuda|arxiv|version|peft|transformers|numpy|galore-torch)"
+    r"\s*(>=|<=|==|>|<|~=)?\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _INLINE_CODE = re.compile(r"`+[^`]*`+")
 _COMMENT = re.compile(r"<!--.*?-->", re.S)
@@ -221,6 +226,8 @@ def check_text(text: str, doc: str = "<text>", root: Path = ROOT) -> list[Proble
                 scope = _Scope(tuple(arg.split()), tuple(vals), i + 1)
         body = _strip(raw)
         for m in _DOC_NUMBER.finditer(body):
+            if _VERSION_BEFORE.search(body[max(0, m.start() - 20):m.start()]):
+                continue
             num = m.group("num")
             suffix = m.group("suffix") or ""
             unit = (m.group("unit") or "").strip()
