@@ -49,6 +49,9 @@ _DOC_NUMBER = re.compile(
     r"(?:(?P<suffix>[x%×])(?!\w)|(?![\w]|\.\d))(?P<unit>\s*(?:ms|s)\b)?")
 _MARKER = re.compile(r"<!--\s*(source|/source|allow)\s*:?\s*(.*?)\s*-->")
 _HEADING = re.compile(r"^#{1,6}\s")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}")
+# "13.8 / 21.2 %", "72.6-80.2 %": a percent sign after the number with no word in between.
+_PERCENT_AFTER = re.compile(r"[^A-Za-z%|]{0,14}%")
 # A version or an identifier, not a measurement: "torch 2.13", "Python >= 3.10", "arXiv 2505.1".
 _VERSION_BEFORE = re.compile(
     r"(?i)\b(torch|python|cuda|arxiv|version|peft|transformers|numpy|galore-torch)"
@@ -190,6 +193,8 @@ def check_text(text: str, doc: str = "<text>", root: Path = ROOT) -> list[Proble
     allowed: set[str] = set()
     allowed_vals: tuple[float, ...] = ()
     in_fence = False
+    header: list[str] = []
+    prev_row = ""
     for i, raw in enumerate(text.split("\n")):
         if _FENCE.match(raw):
             in_fence = not in_fence
@@ -225,6 +230,11 @@ def check_text(text: str, doc: str = "<text>", root: Path = ROOT) -> list[Proble
                     problems.append(Problem(doc, i + 1, arg, "source marker names no file"))
                 scope = _Scope(tuple(arg.split()), tuple(vals), i + 1)
         body = _strip(raw)
+        if not body.lstrip().startswith("|"):
+            header = []
+        elif _TABLE_RULE.match(body) and prev_row:
+            header = [c.strip() for c in prev_row.split("|")]
+        prev_row = body if body.lstrip().startswith("|") else ""
         for m in _DOC_NUMBER.finditer(body):
             if _VERSION_BEFORE.search(body[max(0, m.start() - 20):m.start()]):
                 continue
@@ -237,7 +247,11 @@ def check_text(text: str, doc: str = "<text>", root: Path = ROOT) -> list[Proble
                 problems.append(Problem(doc, i + 1, num + suffix,
                                         "no source marker governs this line"))
                 continue
-            if not matches(num, scope.values, percent=suffix == "%", millis=unit == "ms"):
+            col = header[body[:m.start()].count("|")] if header and body[:m.start()].count(
+                "|") < len(header) else ""
+            percent = suffix == "%" or bool(_PERCENT_AFTER.match(body, m.end())) or "%" in col
+            millis = unit == "ms" or "ms" in col.split() or "(ms" in col
+            if not matches(num, scope.values, percent=percent, millis=millis):
                 problems.append(Problem(
                     doc, i + 1, num + suffix,
                     f"not found in {' '.join(scope.sources)} (marker on line {scope.line})"))

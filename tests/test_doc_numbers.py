@@ -19,7 +19,7 @@ _spec.loader.exec_module(cdn)
 
 # Documents not yet brought to the convention: checked, but a failure is expected (xfail).
 # Remove a document from this set as soon as it passes.
-PENDING: set[str] = {"README.md", "docs/findings.md"}
+PENDING: set[str] = {"README.md"}
 
 
 def _docs() -> list[str]:
@@ -111,3 +111,13 @@ def test_run_source_reads_the_script_output(src: Path) -> None:
     assert _nums(cdn.check_text(text, root=src)) == ["9.99"]
     probs = cdn.check_text("<!-- source: run: nope.py -->\n1.0\n", root=src)
     assert any("not a Python script" in p.why for p in probs)
+
+
+def test_percent_and_ms_from_context_and_table_headers(src: Path) -> None:
+    # a.json holds 0.0541 (a fraction) and 0.04172 (seconds).
+    text = ("<!-- source: r/a.json -->\n5.41 / 5.41 % of it\n"
+            "| model | time (ms) | share % | other |\n|---|---|---|---|\n"
+            "| x | 41.7 | 5.41 | 41.7 |\n")
+    assert [(p.line, p.number) for p in cdn.check_text(text, root=src)] == [(5, "41.7")]
+    # Without the percent sign nearby, 5.41 is not 0.0541.
+    assert _nums(cdn.check_text("<!-- source: r/a.json -->\n5.41 points\n", root=src)) == ["5.41"]
