@@ -21,7 +21,6 @@ import torch
 
 import dsbp
 from dsbp.cli import main
-from dsbp.experiments.atomic import FolderLock
 
 TINY = ["--epochs", "1", "--subset", "64", "--eval-subset", "100", "--batch-size", "32",
         "--set", 'model_kwargs={"width": 4}', "--no-progress", "--threads", "1"]
@@ -117,12 +116,14 @@ def test_a_second_bench_on_a_locked_folder_refuses(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             _bench(out)
         err = capsys.readouterr().err
-        assert exc.value.code == 2 and "in use by another dsbp bench" in err
-        assert f"process {proc.pid}" in err
+        assert exc.value.code == 2 and "is in use by another process" in err
+        assert f"pid {proc.pid}, dsbp bench" in err
         assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
     finally:
         proc.kill()  # SIGKILL: the kernel releases the lock, no stale lock is left
         proc.wait()
+    from dsbp.experiments.atomic import FolderLock
+
     with FolderLock(out):
         pass
 
@@ -254,3 +255,23 @@ def test_sigkill_before_a_rename_leaves_an_orphan_that_resume_removes(tmp_path):
     assert (out / "runs" / "bundled-cnn-sgd-s0" / "result.json").read_bytes() == s0_result
     assert json.loads((s1 / "result.json").read_text())["status"] == "ok"
     torch.load(s1 / "checkpoint.pt", weights_only=True)  # a whole checkpoint
+
+
+def test_fewshot_resume_with_other_settings_refuses_and_keeps_the_cells(tmp_path, capsys):
+    """The few-shot runner used to recompute and overwrite kept cells (and config.json) when
+    a resume asked for other settings."""
+    args = ["fewshot", "--datasets", "bundled", "--shots", "1", "--n-query", "2", "--width",
+            "8", "--meta-iters", "1", "--meta-batch", "2", "--test-episodes", "2", "--rank",
+            "4", "--threads", "1", "--methods", "maml", "--out", str(tmp_path)]
+    assert main(args) == 0
+    before = _snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([*args[:-2], "--inner-lr", "0.5", "--out", str(tmp_path), "--resume"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "bundled-5w1s-maml-s0: inner_lr: saved 0.1" in err
+    assert _snapshot(tmp_path) == before
+    cell = tmp_path / "runs" / "bundled-5w1s-maml-s0.json"
+    cell.write_text(cell.read_text()[:30])  # a truncated cell: named, the report goes on
+    assert main([*args, "--resume"]) == 0
+    assert str(cell) in (tmp_path / "report.md").read_text()
+    assert cell.read_text().startswith("{") and len(cell.read_text()) == 30

@@ -24,12 +24,14 @@ def _threads(n: int | None) -> None:
 def _run_on_paths(analysis: Any, paths: list[str], redo: bool, **settings: Any) -> int:
     """``analysis`` on each path: a bench folder (every run, then its tables and report are
     remade) or one run directory."""
+    from dsbp.experiments.atomic import FolderLock
     from dsbp.experiments.sweep import finish
 
     for path in map(Path, paths):
         if (path / "runs").is_dir():
-            analysis.apply(path, resume=not redo, **settings)
-            made = finish(path)
+            with FolderLock(path, f"dsbp {analysis.name} or bench"):  # not during a bench
+                analysis.apply(path, resume=not redo, **settings)
+                made = finish(path)
             print(f"wrote {made['csv']}, {made['report']}")
         elif (path / "config.json").exists():
             p = analysis.run(path, dataset=None, log=print, **settings)

@@ -123,8 +123,8 @@ class FolderLock:
     included), so a crash never leaves a stale lock behind.
 
     Raises (on enter):
-        FileExistsError: another process holds the lock (the message names the folder and,
-            when it wrote it, the holder's process id).
+        FileExistsError: another process holds the lock (the message names the folder and
+            the holder's process id and command).
     """
 
     def __init__(self, folder: str | Path, what: str = "dsbp bench") -> None:
@@ -143,10 +143,10 @@ class FolderLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
             raise FileExistsError(
-                f"{self.path.parent} is in use by another {self.what} (process "
-                f"{holder or '?'}); wait for it to finish or choose another --out") from None
+                f"{self.path.parent} is in use by another process (pid {holder or '?'}); "
+                "wait for it to finish or choose another --out") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()}, {self.what}\n".encode(), 0)
         self._fd = fd
         return self
 

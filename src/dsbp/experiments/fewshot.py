@@ -304,24 +304,72 @@ def fewshot(
         ``{"cells": [cell dicts], "csv": path, "report": path}``.
 
     Raises:
-        FileExistsError: ``out/runs`` holds cells and ``resume`` is False.
+        FileExistsError: ``out/runs`` holds cells and ``resume`` is False, or another process
+            holds ``out/.lock`` (nothing is written).
+        ValueError: ``resume`` and some kept cells were made with other settings (every such
+            cell and its differing settings are named; nothing is written).
     """
-    from dsbp.experiments.run import environment
-
     out = Path(out)
-    runs = out / "runs"
+    with atomic.FolderLock(out, "dsbp fewshot"):
+        return _fewshot_locked(cfg, out, command=command, resume=resume, log=log,
+                               loader=loader)
+
+
+def _fewshot_preflight(cfg: FewshotConfig, runs: Path, resume: bool) -> dict[str, str]:
+    """Refuse before writing (see :func:`fewshot`); ``{cell: why}`` of unreadable cells, which
+    are named and left as they are."""
     if not resume and runs.exists() and any(runs.iterdir()):
         raise FileExistsError(f"{runs} already holds cells; pass --resume or choose another "
                               "--out")
+    settings = cfg.cell_settings()
+    refused: dict[str, str] = {}
+    differ = []
+    for name in cfg.datasets:
+        for seed in cfg.seeds:
+            for k in cfg.shots:
+                for method in cfg.methods:
+                    cname = cell_name(name, cfg.n_way, k, method, seed)
+                    path = runs / f"{cname}.json"
+                    if not path.exists():
+                        continue
+                    try:
+                        prev = atomic.read_json(path)
+                    except atomic.CorruptFileError as err:
+                        refused[cname] = str(err)
+                        continue
+                    old = prev.get("settings") or {} if isinstance(prev, dict) else {}
+                    keys = sorted(k2 for k2 in set(old) | set(settings)
+                                  if old.get(k2) != settings.get(k2))
+                    if keys:
+                        differ.append(f"  {cname}: " + "; ".join(
+                            f"{k2}: saved {old.get(k2)!r}, requested {settings.get(k2)!r}"
+                            for k2 in keys))
+    if differ:
+        raise ValueError(f"cannot resume {runs.parent}: {len(differ)} cell(s) were made with "
+                         "other settings (nothing was written):\n" + "\n".join(differ))
+    return refused
+
+
+def _fewshot_locked(cfg: FewshotConfig, out: Path, *, command: str | None, resume: bool,
+                    log: Callable[[str], None], loader: Callable[[str], Any] | None
+                    ) -> dict[str, Any]:
+    from dsbp.experiments.run import environment
+
+    runs = out / "runs"
+    refused = _fewshot_preflight(cfg, runs, resume)
     runs.mkdir(parents=True, exist_ok=True)
+    if resume:
+        atomic.remove_orphans(out)
+        atomic.remove_orphans(runs)
     if loader is None:
         from dsbp.data import load_dataset
 
         def loader(name: str) -> Any:
             return load_dataset(name, root=cfg.data_root)
 
-    atomic.write_json(out / "config.json", {"command": command, **dataclasses.asdict(cfg)})
-    atomic.write_json(out / "env.json", environment(torch.device(cfg.device)))
+    if not (resume and (out / "config.json").exists()):  # a resume keeps the first record
+        atomic.write_json(out / "config.json", {"command": command, **dataclasses.asdict(cfg)})
+        atomic.write_json(out / "env.json", environment(torch.device(cfg.device)))
     settings = cfg.cell_settings()
     cells = []
     for name in cfg.datasets:
@@ -332,11 +380,12 @@ def fewshot(
                 for method in cfg.methods:
                     cname = cell_name(name, cfg.n_way, k, method, seed)
                     path = runs / f"{cname}.json"
-                    if resume and path.exists():
-                        prev = json.loads(path.read_text())
-                        if prev.get("settings") == settings:
-                            cells.append(prev)
-                            continue
+                    if cname in refused:  # unreadable: named, left as it is
+                        log(f"{cname}: not run, left as it is: {refused[cname]}")
+                        continue
+                    if resume and path.exists():  # same settings (checked above)
+                        cells.append(atomic.read_json(path))
+                        continue
                     res = run_cell(cfg, data, method, k, seed)
                     cell = {"cell": cname, "dataset": name, "method": method,
                             "n_way": cfg.n_way, "k_shot": k, "seed": seed, "status": "ok",
@@ -351,14 +400,23 @@ def fewshot(
     return {"cells": cells, **made}
 
 
-def _read_cells(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+def _read_cells(out: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """The readable cells of ``out/runs``; unreadable ones are named in ``problems``."""
+    cells = []
+    for p in sorted((out / "runs").glob("*.json")):
+        try:
+            cells.append(atomic.read_json(p))
+        except atomic.CorruptFileError as err:
+            if problems is not None:
+                problems.append(str(err))
+    return cells
 
 
 def finish_fewshot(out: str | Path) -> dict[str, Path]:
     """(Re)make ``results.csv`` and ``report.md`` of ``out`` from ``out/runs/*.json``."""
     out = Path(out)
-    cells = _read_cells(out)
+    problems: list[str] = []
+    cells = _read_cells(out, problems)
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").exists() else {}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS), extrasaction="ignore",
@@ -369,7 +427,10 @@ def finish_fewshot(out: str | Path) -> dict[str, Path]:
                     "device": env.get("device_name", ""), "meta_iters": c["settings"]["meta_iters"],
                     "rank": c["settings"]["rank"] if c["method"] == "spectral_maml" else ""})
     atomic.write_text(out / "results.csv", buf.getvalue())
-    atomic.write_text(out / "report.md", "\n".join(report_lines(out, cells)) + "\n")
+    lines = report_lines(out, cells)
+    if problems:
+        lines += ["", "Unreadable, left out:", "", *[f"- {p}" for p in problems]]
+    atomic.write_text(out / "report.md", "\n".join(lines) + "\n")
     return {"csv": out / "results.csv", "report": out / "report.md"}
 
 
