@@ -170,3 +170,12 @@ def test_data_files_finds_an_npz_named_in_the_source(tmp_path):
     (rec,) = data_files(ds)
     assert rec == {"path": str(f.resolve()), "bytes": f.stat().st_size,
                    "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+
+
+def test_a_repeated_set_takes_the_last_value_and_a_flag_plus_set_is_refused(capsys):
+    """Scripts give base settings, then one configuration's: the later --set wins. The same
+    key as a flag and as --set is ambiguous (argparse keeps no order between them)."""
+    (run,) = _grid("--methods", "dsbp", "--set", "rank=10", "--set", "rank=64")
+    assert run.cfg.method_kwargs["rank"] == 64
+    err = _refused(capsys, "bench", "--methods", "sgd", "--lr", "0.1", "--set", "lr=0.2")
+    assert "lr given both as a flag and with --set" in err

@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,19 +251,17 @@ def split_assignment(item: str, flag: str) -> tuple[str, str]:
 def parse_assignments(items: Iterable[str], methods: Sequence[str],
                       flag: str = "--set") -> dict[str, Any]:
     """``["lr=0.1", "rank=4"]`` -> ``{"lr": 0.1, "rank": 4}``, each key checked against the
-    grid's methods and each value typed; a key given twice is an error."""
+    grid's methods and each value typed; a key given again overrides the earlier value (a
+    script's base settings, then one configuration's)."""
     out: dict[str, Any] = {}
     for item in items:
         key, text = split_assignment(item, flag)
         check_key(key, flag, methods)
-        if key in out:
-            raise ValueError(f"{flag} {key} given twice")
         out[key] = parse_setting(key, text, flag)
     return out
 
 
-def parse_ablations(specs: Iterable[str], methods: Sequence[str],
-                    parse: Callable[[str, str], Any] | None = None) -> dict[str, list[Any]]:
+def parse_ablations(specs: Iterable[str], methods: Sequence[str]) -> dict[str, list[Any]]:
     """``["rank=2,5"]`` -> ``{"rank": [2, 5]}`` (keys and values checked as for ``--set``)."""
     out: dict[str, list[Any]] = {}
     for spec in specs:
