@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dsbp.optim.dsbp import DSBP
+from dsbp import DSBP
 
 __all__ = [
     "VARIANTS",
