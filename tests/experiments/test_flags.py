@@ -21,8 +21,15 @@ def _grid(*flags: str):
 
 
 def _refused(capsys, *argv: str) -> str:
+    """The error of a refused command (a bench that is not refused would write into a fresh
+    temporary folder, never into the working directory)."""
+    import tempfile
+
+    args = list(argv)
+    if args[0] == "bench" and "--out" not in args:
+        args += ["--out", str(Path(tempfile.mkdtemp()) / "out")]
     with pytest.raises(SystemExit) as exc:
-        main(list(argv))
+        main(args)
     assert exc.value.code == 2
     return capsys.readouterr().err
 
