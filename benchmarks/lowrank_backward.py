@@ -157,7 +157,7 @@ def speed(args: argparse.Namespace) -> dict:
             arms[0].step(*batches[0])
             t_sgd = time.perf_counter() - t0
             per_block = max(1, int(0.2 / max(t_sgd, 1e-4)))
-            rounds = args.rounds if d < 4096 else max(3, args.rounds // 2)
+            rounds = args.rounds
             times: dict[str, list[float]] = {a.name: [] for a in arms}
             it = 0
             for r in range(rounds + 1):  # round 0 is warm-up
@@ -315,10 +315,12 @@ def step_flops(kind: str, n: int, d: int, k: int, d_in: int = 784, classes: int 
 def render(args: argparse.Namespace) -> str:
     """Store model flop ratios in the speed JSON; print the Markdown tables of both parts."""
     lines = []
-    sp = RESULTS / (args.out or "lowrank_backward_speed_cpu.json")
-    if sp.exists():
+    speed_files = [RESULTS / args.out] if args.out else sorted(
+        RESULTS.glob("lowrank_backward_speed_cpu*.json"))
+    for sp in speed_files:
         res = json.loads(sp.read_text())
-        lines += ["| d | batch n | SGD step (ms, median) | low-rank k = d/32 | k = d/16 | "
+        lines += [f"`{sp.name}`: `{res['command']}`", "",
+                  "| d | batch n | SGD step (ms, median) | low-rank k = d/32 | k = d/16 | "
                   "k = d/8 | project after backward, k = d/16 | coordinates, k = d/16 | "
                   "matmul flops, low-rank k = d/16 / SGD | basis refresh at p = 100 |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

@@ -388,6 +388,8 @@ def plot(res: dict, path: Path) -> None:
                 ax.axhline(100 * tgt, color="grey", ls="--", lw=0.8)
                 ax.text(ax.get_xlim()[1], 100 * tgt, f" {name} x SGD", va="center",
                         fontsize=7, color="grey")
+            if key == "ratio_time_s":  # the equal-time budget: SGD's whole run
+                ax.axvline(tr["analysis"]["equal_time_budget_s"], color="k", ls=":", lw=0.8)
             lo = 100 * min(tr["analysis"]["targets"].values())
             ax.set_ylim(lo - 12, None)
             ax.set_xlabel(label)
