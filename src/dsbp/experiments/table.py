@@ -483,11 +483,11 @@ def run_fewshot(spec: TableSpec, loader: TaskLoader, out: Path, rows: Sequence[R
         "n_way_per_dataset": {r.dataset: r.n_way for r in rows},
         "same_classes": [r.dataset for r in rows if r.fewshot_same_classes]})
     atomic.write_json(fdir / "env.json", {**environment(torch.device(device)), **compute_info()})
-    for row in rows:
-        cfg = dataclasses.replace(common, datasets=(row.dataset,), n_way=row.n_way)
-        ds = loader.base(row.dataset, None)
-        settings = cfg.cell_settings()
-        for seed in seeds:
+    for seed in seeds:  # seed-major, as the training grids
+        for row in rows:
+            cfg = dataclasses.replace(common, datasets=(row.dataset,), n_way=row.n_way)
+            ds = loader.base(row.dataset, None)
+            settings = cfg.cell_settings()
             name = cell_name(row.dataset, row.n_way, spec.k_shot, "maml", seed)
             path = fdir / "runs" / f"{name}.json"
             if resume and path.exists() and json.loads(path.read_text()).get(
@@ -575,6 +575,9 @@ def run_table(
         sub.mkdir(parents=True, exist_ok=True)
         if not (resume and (sub / "bench.json").exists()):
             atomic.write_json(sub / "bench.json", meta)
+        # seed-major: every row gets its first seed before any row gets its second, so an
+        # interrupted table has all rows (a stable sort keeps pretraining before fine-tuning)
+        runs = sorted(runs, key=lambda r: r.cfg.seed)
         log(f"dsbp table: {proto}: {len(runs)} runs -> {sub}")
         run_grid(runs, sub, resume=resume, progress=progress, log=log, loader=loader)
     if "ablation" in protocols:
