@@ -275,3 +275,38 @@ def test_fewshot_resume_with_other_settings_refuses_and_keeps_the_cells(tmp_path
     assert main([*args, "--resume"]) == 0
     assert str(cell) in (tmp_path / "report.md").read_text()
     assert cell.read_text().startswith("{") and len(cell.read_text()) == 30
+
+
+def test_diagnose_unfinished_says_it_is_a_mid_training_state(tmp_path):
+    out = tmp_path / "out"
+    assert _bench(out, "--seeds", "1") == 0
+    rdir = out / "runs" / "bundled-cnn-sgd-s0"
+    (rdir / "result.json").unlink()
+    assert main(["diagnose", str(rdir), "--no-png", "--unfinished", "--batches", "1",
+                 "--hessian-k", "1", "--trace-samples", "2", "--slice-points", "3",
+                 "--slice-2d-points", "2", "--perturb-draws", "2", "--rank", "2"]) == 0
+    diag = json.loads((rdir / "diagnostics" / "diagnostics.json").read_text())
+    assert diag["run_status"] == "unfinished" and diag["checkpoint_step"] == 2
+
+
+def test_truncated_result_is_named_and_left_alone(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path / "out")
+    bad = out / "runs" / "bundled-cnn-sgd-s1" / "result.json"
+    bad.write_text('{"status": "o')
+    before = _snapshot(bad.parent)
+    assert _bench(out, "--resume") == 1
+    assert str(bad) in capsys.readouterr().out
+    assert _snapshot(bad.parent) == before
+    assert str(bad) in (out / "report.md").read_text()
+
+
+def test_posthoc_refuses_a_run_whose_data_folder_is_gone(finished, tmp_path, capsys):
+    """The run's config names a data folder that no longer exists: no silent fallback."""
+    out = _copy(finished, tmp_path / "out")
+    for rdir in (out / "runs").iterdir():
+        cfg = json.loads((rdir / "config.json").read_text())
+        cfg["data_root"] = str(tmp_path / "gone")
+        (rdir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as exc:
+        main(["shift", str(out), "--kinds", "noise", "--severities", "1", "--tta", "none"])
+    assert exc.value.code == 2 and str(tmp_path / "gone") in capsys.readouterr().err

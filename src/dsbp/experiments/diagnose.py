@@ -123,7 +123,7 @@ def diagnose_run(
         load_data,
         resolve_device,
     )
-    from dsbp.experiments.run import load_checkpoint, load_config, read_result
+    from dsbp.experiments.run import check_data_root, load_checkpoint, load_config, read_result
 
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -140,6 +140,7 @@ def diagnose_run(
                          f"mid-training state ({where}). Finish it with `dsbp bench --resume`, "
                          "or pass --unfinished to diagnose that state anyway")
     dev = resolve_device(device)
+    check_data_root(cfg)
     # Un-augmented training batches in a fixed order: the loss being diagnosed.
     data = load_data(dataclasses.replace(cfg, augment=False), dev)
     model = build_model_for(cfg, data).to(dev)

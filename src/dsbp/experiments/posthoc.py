@@ -124,7 +124,7 @@ def load_finished(run_dir: Path, cfg: Any, dev: torch.device, dataset: Any | Non
     """
     from dsbp.data import load_dataset
     from dsbp.experiments.build import build_model_for, load_data
-    from dsbp.experiments.run import load_checkpoint, read_result
+    from dsbp.experiments.run import check_data_root, load_checkpoint, read_result
 
     res = read_result(run_dir)
     if res is None or res.status != "ok":
@@ -134,6 +134,8 @@ def load_finished(run_dir: Path, cfg: Any, dev: torch.device, dataset: Any | Non
                       "parameters), not the plain network config.json builds")
     if not (run_dir / "checkpoint.pt").exists():
         raise SkipRun("no checkpoint.pt (the final weights were not kept)")
+    if dataset is None:
+        check_data_root(cfg)
     ds = dataset if dataset is not None else load_dataset(cfg.dataset, root=cfg.data_root)
     data = load_data(cfg, dev, ds)
     model = build_model_for(cfg, data).to(dev)
@@ -172,7 +174,7 @@ def for_each_run(
         The results, in run-name order.
     """
     from dsbp.data import load_dataset
-    from dsbp.experiments.run import load_config
+    from dsbp.experiments.run import check_data_root, load_config
 
     runs_dir = Path(out) / "runs"
     if not runs_dir.is_dir():
@@ -195,6 +197,7 @@ def for_each_run(
             cfg = load_config(rdir)
             key = (cfg.dataset, cfg.data_root)
             if key not in cache:
+                check_data_root(cfg)  # the run's data folder is gone: no silent fallback
                 cache[key] = load_dataset(cfg.dataset, root=cfg.data_root)
             done.append(analyse(rdir, cache[key]))
         except atomic.CorruptFileError as err:

@@ -400,6 +400,14 @@ def posthoc_rows(out: Path, rows: list[dict[str, Any]],
     return rows + added, columns, problems
 
 
+def _result_readable(run_dir: Path) -> bool:
+    try:
+        read_result(run_dir)
+    except atomic.CorruptFileError:
+        return False
+    return True
+
+
 def posthoc_result(out: Path, analysis: PostHoc, run_name: str) -> dict[str, Any] | None:
     """``out/runs/<run_name>/<analysis.result_file>`` (None: absent or skipped)."""
     from dsbp.experiments.posthoc import read_result_file
@@ -438,10 +446,9 @@ def finish(out: str | Path, meta: Mapping[str, Any] | None = None) -> dict[str, 
     all_rows, extra, bad = posthoc_rows(out, rows)
     problems += bad
     write_results_csv(out / "results.csv", all_rows, [*varying, *extra])
-    run_dirs = []
-    for p in sorted((out / "runs").iterdir()):
-        if (p / "config.json").exists() and str(p.name) in {str(r["run"]) for r in rows}:
-            run_dirs.append(p)
+    # The plots read the run folders themselves: only those whose files are readable.
+    run_dirs = [out / "runs" / str(r["run"]) for r in rows]
+    run_dirs = [d for d in run_dirs if _result_readable(d)]
     plots = [plot_learning_curves(run_dirs, out / "learning_curves.png"),
              plot_accuracy_vs_wallclock(run_dirs, out / "acc_vs_wallclock.png")]
     report = write_report(out / "report.md", rows, varying,
