@@ -31,9 +31,9 @@ def _bench(out: Path, *flags: str) -> int:
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (the lock file aside), by relative path."""
+    """sha256 of every file under ``folder``, by relative path."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _env() -> dict[str, str]:

@@ -310,6 +310,7 @@ def fewshot(
             cell and its differing settings are named; nothing is written).
     """
     out = Path(out)
+    _fewshot_preflight(cfg, out / "runs", resume)  # a refusal leaves no trace
     with atomic.FolderLock(out, "dsbp fewshot"):
         return _fewshot_locked(cfg, out, command=command, resume=resume, log=log,
                                loader=loader)

@@ -168,7 +168,7 @@ SETTING_TYPES: dict[str, SettingType] = {
     "k": _int(1), "lanczos_iters": _int(1), "a": _float(), "b": _float(),
     # adaptive / Lie DSBP
     "p_min": _int(1), "p_max": _int(1), "tau": _float(0.0, 1.0, low_open=True),
-    "grow": _float(0.0, low_open=True), "probe_every": _int(1), "probe_iters": _int(1),
+    "grow": _float(1.0, low_open=True), "probe_every": _int(1), "probe_iters": _int(1),
     "ema_dense_max": _int(1), "lie_step": _float(0.0), "track_every": _int(1),
     # transfer
     "side": SettingType("choice", choices=("output", "input")), "mu": _float(0.0),

@@ -493,10 +493,11 @@ def bench(
         than 0 of a multi-process sweep: ``results`` only).
     """
     out = Path(out)
+    preflight(runs, out, resume)  # a refusal leaves no trace, not even the lock file
     lock_ctx: Any = (atomic.FolderLock(out) if lock and is_writer()
                      else contextlib.nullcontext())
     with lock_ctx:
-        refused = preflight(runs, out, resume)  # before anything is written
+        refused = preflight(runs, out, resume)  # again under the lock, before any write
         for cfg in {gr.cfg.data_root: gr.cfg for gr in runs}.values():
             check_data_root(cfg)
         device = runs[0].cfg.device if runs else "cpu"
