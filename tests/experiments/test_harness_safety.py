@@ -98,7 +98,8 @@ def test_resume_of_a_finished_grid_rewrites_nothing(finished, tmp_path):
     out = _copy(finished, tmp_path / "out")
     runs = {p: p.read_bytes() for p in (out / "runs").rglob("*") if p.is_file()}
     assert _bench(out, "--resume") == 0
-    assert all(p.read_bytes() == b for p, b in runs.items() if p.name != "env.json")
+    assert all(p.read_bytes() == b for p, b in runs.items())
+    assert not [p for p in (out / "runs").rglob("*") if p.is_file() and p not in runs]
 
 
 def test_a_second_bench_on_a_locked_folder_refuses(tmp_path, capsys):
