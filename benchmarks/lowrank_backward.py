@@ -348,8 +348,10 @@ def render(args: argparse.Namespace) -> str:
         acc = json.loads(ap_.read_text())
         if "summary" in acc:
             lines += ["| arm | k | test accuracy, mean (sd) | per seed |", "|---|---|---|---|"]
+            sgd_mean = acc["summary"]["sgd"]["mean"]
             for row in acc["summary"].values():
                 row["mean_pct"], row["std_pct"] = 100 * row["mean"], 100 * row["std"]
+                row["minus_sgd_points"] = 100 * (sgd_mean - row["mean"])
                 per = ", ".join(f"{100 * v:.2f}%" for v in row["runs"])
                 lines.append(f"| {'SGD' if row['k'] is None else 'low-rank backward'} | "
                              f"{row['k'] or '-'} | {row['mean_pct']:.2f}% ({row['std_pct']:.2f}%)"
