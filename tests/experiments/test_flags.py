@@ -186,3 +186,10 @@ def test_a_repeated_set_takes_the_last_value_and_a_flag_plus_set_is_refused(caps
     assert run.cfg.method_kwargs["rank"] == 64
     err = _refused(capsys, "bench", "--methods", "sgd", "--lr", "0.1", "--set", "lr=0.2")
     assert "lr given both as a flag and with --set" in err
+
+
+def test_a_track_string_is_names_not_letters():
+    from dsbp.experiments.config import RunConfig
+
+    assert RunConfig(track="hessian,spectrum").track == ("hessian", "spectrum")  # type: ignore[arg-type]
+    assert RunConfig.from_dict({"track": "hessian"}).track == ("hessian",)

@@ -113,7 +113,10 @@ class RunConfig:
         # Frozen: normalise through object.__setattr__ so JSON round trips compare equal.
         object.__setattr__(self, "model_kwargs", _canonical_kwargs(self.model_kwargs))
         object.__setattr__(self, "method_kwargs", _canonical_kwargs(self.method_kwargs))
-        object.__setattr__(self, "track", tuple(self.track))
+        track = self.track
+        if isinstance(track, str):  # "hessian,spectrum", not the letters of one name
+            track = tuple(t.strip() for t in track.split(",") if t.strip())
+        object.__setattr__(self, "track", tuple(track))
         self.validate()
 
     def validate(self) -> None:
@@ -193,7 +196,7 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown RunConfig field(s): {unknown}; known: {sorted(known)}")
         kw = dict(d)
-        if "track" in kw:
+        if isinstance(kw.get("track"), list):
             kw["track"] = tuple(kw["track"])
         return cls(**kw)
 
