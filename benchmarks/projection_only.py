@@ -1,4 +1,4 @@
-"""``SpectralProjector.project_`` alone: fast path vs the reference per-layer loop.
+"""``SpectralProjector.project_`` alone: the stacked path against the per-weight loop.
 
 The gradients come from one real batch (CIFAR-10 for ResNet-18, bundled Fashion-MNIST for
 SmallCNN); before every timed call they are restored, so both paths project the same gradient.
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
         res = {True: [], False: []}
         for r in range(args.repeats):
             for fast in ((True, False) if r % 2 else (False, True)):
-                p._batched = fast
+                p.path = "stacked" if fast else "loop"
                 for n, q in m.named_parameters():
                     q.grad.copy_(g0[n])
                 res[fast].append(timed(p.project_, device))

@@ -3,15 +3,16 @@
 Arms (each its own model copy, same initialisation, same real data batches):
 
 * ``base``: the base optimizer alone (SGD, momentum 0.9).
-* ``dsbp``: DSBP around the same base, the default (fast, batched) projection path, no refresh
-  inside the timed steps (the first step refreshes, then ``interval`` is effectively infinite).
-* ``dsbp_loop``: the same with the reference per-layer loop (``projector._batched = False``).
-* ``dsbp_eager`` (GPU only): the default path without the CUDA graph (``cuda_graph=False``):
-  the stacked products launched from Python every step.
+* ``dsbp``: DSBP around the same base, the default path (``path="auto"``: the per-weight loop on
+  a CPU, the CUDA graph on a GPU), no refresh inside the timed steps (the first step refreshes,
+  then ``interval`` is effectively infinite).
+* ``dsbp_loop`` (GPU only; on a CPU it is the default): ``path="loop"``.
+* ``dsbp_stacked``: ``path="stacked"``, same-shaped weights in batched products launched from
+  Python every step (the eager GPU path).
 * ``dsbp_refresh``: DSBP with ``interval=1``: every step captures activations and re-solves the
   eigenproblem. ``(t_refresh - t_dsbp) / p`` is the refresh cost amortised over ``p`` steps.
-* ``dsbp_refresh_layer`` (GPU only): the same with the per-layer refresh instead of the
-  batched one (``projector._batch_refresh = False``).
+* ``dsbp_refresh_layer`` (GPU only): the same with the per-weight refresh (``path="loop"``)
+  instead of the batched one.
 
 Each repeat runs one full training step (forward + backward + optimizer step) of every arm, in
 a rotating order, timing forward+backward and the optimizer step separately. Reported: medians
@@ -88,16 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
         if arm == "base":
             return m, torch.optim.SGD(m.parameters(), **kw)
         interval = 1 if arm.startswith("dsbp_refresh") else NEVER
-        opt = DSBP(m, torch.optim.SGD, rank=args.rank, interval=interval,
-                   projector_kwargs={"cuda_graph": arm != "dsbp_eager"}, **kw)
-        opt.projector._batched = arm != "dsbp_loop"
-        if arm == "dsbp_refresh_layer":
-            opt.projector._batch_refresh = False
+        path = {"dsbp_loop": "loop", "dsbp_stacked": "stacked",
+                "dsbp_refresh_layer": "loop"}.get(arm, "auto")
+        opt = DSBP(m, torch.optim.SGD, rank=args.rank, interval=interval, path=path, **kw)
         return m, opt
 
-    variants: tuple[str, ...] = ("dsbp", "dsbp_loop")
+    variants: tuple[str, ...] = ("dsbp", "dsbp_stacked")
     if device.type == "cuda":
-        variants = ("dsbp", "dsbp_eager", "dsbp_loop")
+        variants = ("dsbp", "dsbp_stacked", "dsbp_loop")
     refreshes = ("dsbp_refresh", "dsbp_refresh_layer") if device.type == "cuda" \
         else ("dsbp_refresh",)
     arms = {a: make(a) for a in ("base", *variants, *refreshes)}

@@ -62,8 +62,7 @@ def sharpness_term(
     raise ValueError(f"side must be one of {SIDES}, got {side!r}")
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
+RowSum = Callable[[torch.Tensor], torch.Tensor]
 
 
 def dsbp_coordinates(
@@ -76,9 +75,9 @@ def dsbp_coordinates(
     residual: float = 0.0,
     rescale: bool = False,
     max_rescale: float = 10.0,
-    row_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    row_sum: RowSum | None = None,
 ) -> torch.Tensor:
-    """The DSBP direction's part in the basis: the thin factor ``M`` of :func:`dsbp_update`.
+    """The DSBP direction's part in the basis: the thin factor ``M`` of :func:`dsbp_update_`.
 
     Output side ``M = (1 - a) c E^T G + s e_1 (e1^T W)`` (k, d_in); input side
     ``M = (1 - a) c G E + s (W e1) e_1^T`` (d_out, k), with ``e_1`` the first unit vector of
@@ -99,14 +98,26 @@ def dsbp_coordinates(
     output, stacked = side == "output", G.dim() == 3
     G = G.to(E.dtype)
     W = None if W is None else W.to(E.dtype)
+    if row_sum is None and not stacked and not rescale:  # the common case, fewest kernels
+        M = torch.mm(E.T, G) if output else torch.mm(G, E)
+        if residual:
+            M.mul_(1.0 - residual)
+        if W is not None:
+            s = torch.as_tensor(scale, dtype=M.dtype, device=M.device)
+            if output:
+                M[:1].addcmul_(E[:, :1].T @ W, s)
+            else:
+                M[:, :1].addcmul_(W @ E[:, :1], s)
+        return M
+    rsum: RowSum = row_sum if row_sum is not None else (lambda t: t)
     u: torch.Tensor | None = None
     if output:
         M = E.mT @ G  # (k, d_in)
         if W is not None:  # e1^T W rides along in the same reduction
-            M = row_sum(torch.cat([M, E[..., :, :1].mT @ W], dim=-2))
+            M = rsum(torch.cat([M, E[..., :, :1].mT @ W], dim=-2))
             M, u = M[..., :-1, :], M[..., -1:, :]
         else:
-            M = row_sum(M)
+            M = rsum(M)
     else:
         M = G @ E  # (d_out, k): row-local
         u = None if W is None else W @ E[..., :, :1]  # (d_out, 1)
@@ -114,9 +125,9 @@ def dsbp_coordinates(
     if rescale:
         g2, m2 = G.square().sum((-2, -1)), M.square().sum((-2, -1))
         if output:  # M is already summed over the shards
-            g2 = row_sum(g2)
+            g2 = rsum(g2)
         else:
-            g2, m2 = row_sum(torch.stack([g2, m2])).unbind(0)
+            g2, m2 = rsum(torch.stack([g2, m2])).unbind(0)
         c = (g2.sqrt() / m2.sqrt().clamp(min=1e-30)).clamp(max=max_rescale)
         coef = c.view(-1, 1, 1) * (1.0 - residual) if stacked else c * (1.0 - residual)
     if isinstance(coef, torch.Tensor) or coef != 1.0:
@@ -131,6 +142,21 @@ def dsbp_coordinates(
     return M
 
 
+def _write(G: torch.Tensor, E: torch.Tensor, M: torch.Tensor, side: str, a: float) -> None:
+    """``G <- a G + E M`` (output) or ``a G + M E^T`` (input) in one pass over G."""
+    L, R = (E, M) if side == "output" else (M, E.mT)
+    if G.dtype != E.dtype:
+        G.mul_(a).add_(L @ R) if a else G.copy_(L @ R)
+    elif G.dim() == 3:
+        G.baddbmm_(L, R, beta=a) if a else torch.bmm(L, R, out=G)
+    elif a:
+        G.addmm_(L, R, beta=a)
+    elif G.is_contiguous():
+        torch.mm(L, R, out=G)
+    else:
+        G.copy_(L @ R)
+
+
 def dsbp_update_(
     G: torch.Tensor,
     E: torch.Tensor,
@@ -141,7 +167,8 @@ def dsbp_update_(
     residual: float = 0.0,
     rescale: bool = False,
     max_rescale: float = 10.0,
-    row_sum: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    row_sum: RowSum | None = None,
+    host_check: bool = False,
 ) -> torch.Tensor:
     """Overwrite ``G`` with the DSBP direction, in place; return which matrices were finite.
 
@@ -154,8 +181,10 @@ def dsbp_update_(
 
     Non-finite gradients: a projection would spread one bad entry over a whole column (output
     side) or row (input side). Where the thin factor is not finite, that matrix is left as it
-    was (no host synchronisation: a masked update), and the returned bool tensor (() or (B,))
-    is False for it.
+    was, and the returned bool tensor (() or (B,)) is False for it (also when the thin
+    factor's sum overflows: a gradient that large is not projected either). With ``host_check`` the
+    flag is read on the host (free on a CPU) and a finite update is written in one pass;
+    without it the update is masked on the device (no synchronisation: CUDA graphs).
 
     Args:
         G: gradient (d_out, d_in) or stack (B, d_out, d_in); overwritten.
@@ -165,20 +194,21 @@ def dsbp_update_(
         scale: sharpness scale ``beta * lambda_1 / trace C``: a number, 0-d or (B,) tensor.
         residual: a in [0, 1], the weight kept on the plain gradient.
         rescale, max_rescale: rescale the projected part to the gradient's norm, at most so.
-        row_sum: sums over row shards (see :func:`dsbp_coordinates`).
+        row_sum: sums over row shards (see :func:`dsbp_coordinates`); None: no shards.
+        host_check: read the finiteness flag on the host (see above).
     """
     M = dsbp_coordinates(G, E, side, W=W, scale=scale, residual=residual, rescale=rescale,
                          max_rescale=max_rescale, row_sum=row_sum)
-    ok = torch.isfinite(M).flatten(-2).all(-1)
+    ok = torch.isfinite(M.sum((-2, -1)))  # a NaN or inf anywhere makes the sum non-finite
+    if host_check and bool(ok.all()):
+        _write(G, E, M, side, residual)
+        return ok
     okv = ok.view(-1, 1, 1) if G.dim() == 3 else ok
     M = torch.where(okv, M, torch.zeros((), dtype=M.dtype, device=M.device))
     keep = torch.where(okv, torch.full((), residual, dtype=G.dtype, device=G.device),
                        torch.ones((), dtype=G.dtype, device=G.device))
     G.mul_(keep)  # a G where finite, G unchanged where not
-    if side == "output":
-        G.add_(E @ M.to(E.dtype))
-    else:
-        G.add_(M.to(E.dtype) @ E.mT)
+    G.add_((E @ M) if side == "output" else (M @ E.mT))
     return ok
 
 

@@ -104,9 +104,18 @@ class ParamState:
         return self.block[:, : self.k]
 
     def sharpness_scale(self) -> torch.Tensor:
-        """``beta * lambda_1 / trace(C)``, a 0-d tensor (no host sync)."""
+        """``beta * lambda_1 / trace(C)``, a 0-d tensor (no host sync), cached until the
+        eigenvalues, trace or beta change."""
         assert self.eigenvalues is not None and self.trace is not None
-        return self.eigenvalues[0] / self.trace * self.sharpness
+        key = (self.eigenvalues, self.eigenvalues._version, self.trace, self.trace._version,
+               self.sharpness)
+        hit = self.__dict__.get("_scale")
+        if hit is None or len(hit[0]) != len(key) or any(
+                (a is not b) if isinstance(a, torch.Tensor) else a != b
+                for a, b in zip(hit[0], key, strict=True)):
+            hit = self.__dict__["_scale"] = (key, self.eigenvalues[0] / self.trace
+                                             * self.sharpness)
+        return hit[1]
 
     def due(self, step: int) -> bool:
         """Whether a refresh is due at ``step`` (first step, then every ``interval`` steps)."""

@@ -50,7 +50,7 @@ from dsbp.layers.hooks import (
     state_name,
 )
 from dsbp.layers.state import ParamState
-from dsbp.optim.comm import Communicator
+from dsbp.optim.comm import Communicator, is_dtensor
 from dsbp.optim.graphed import ProjectionGraph, basis_tags, same_tags
 
 OVERRIDABLE = ("rank", "interval", "sharpness")
@@ -493,12 +493,14 @@ class SpectralProjector:
         dt = torch.float32 if dev.type == "mps" else torch.float64
         counts = []
         for _, A, g in items:
-            bad_g = (torch.zeros((), device=dev) if g is None
-                     else (~torch.isfinite(self.comm.local(g))).sum().to(dev))
+            # a NaN or inf anywhere makes a sum non-finite: one reduction per tensor instead of
+            # an elementwise isfinite pass (an overflowing sum is refused as well)
+            tr = trace_of_covariance(A).to(dt)
+            bad_g = (torch.zeros((), device=dev, dtype=dt) if g is None else
+                     (~torch.isfinite(self.comm.local(g).sum())).to(device=dev, dtype=dt))
             counts.append(torch.stack([
                 torch.tensor(float(A.shape[0] == 0), device=dev, dtype=dt),
-                (~torch.isfinite(A)).sum().to(dt), bad_g.to(dt),
-                trace_of_covariance(A).to(dt)]))
+                (~torch.isfinite(tr)).to(dt), bad_g, torch.nan_to_num(tr, nan=0.0, posinf=0.0)]))
         table = self.comm.all_reduce_sum(torch.stack(counts)).tolist()
         ok = []
         for (st, _, _), (missing, bad_a, bad_g, tr) in zip(items, table, strict=True):
@@ -507,13 +509,13 @@ class SpectralProjector:
                            "the forward pass run in train mode with grad enabled?); keeping the "
                            "old basis")
             elif bad_a > 0:
-                self._warn(st, "bad-rows", "non-finite activations; refresh skipped, old basis "
-                           "kept")
+                self._warn(st, "bad-rows", "non-finite activations (or a sum of squares that "
+                           "overflows); refresh skipped, old basis kept")
             elif bad_g > 0:
                 self._warn(st, "bad-grad", "non-finite gradient; refresh skipped, old basis kept")
             elif not tr > 0:
-                self._warn(st, "zero-rows", "all captured activations are zero (or their sum "
-                           "of squares overflows); refresh skipped")
+                self._warn(st, "zero-rows", "all captured activations are zero; refresh "
+                           "skipped")
             else:
                 ok.append(True)
                 continue
@@ -647,12 +649,14 @@ class SpectralProjector:
     def _use_stacks(self, st: ParamState) -> bool:
         return self._resolved_path(st.param.device) != "loop" and self.estimator.batchable
 
-    def _update(self, G: torch.Tensor, E: torch.Tensor, side: str, W: torch.Tensor | None,
-                scale: torch.Tensor | float) -> torch.Tensor:
+    def _update(self, G: torch.Tensor, E: torch.Tensor, st: ParamState, W: torch.Tensor | None,
+                scale: torch.Tensor | float, host_check: bool) -> torch.Tensor:
         """The one update (:func:`dsbp_update_`) with this projector's switches and shards."""
-        return dsbp_update_(G, E, side, W=W, scale=scale, residual=self.residual,
+        sharded = is_dtensor(st.param)
+        return dsbp_update_(G, E, st.side, W=W, scale=scale, residual=self.residual,
                             rescale=self.rescale, max_rescale=self.max_rescale,
-                            row_sum=self.comm.sum_over_row_shards)
+                            row_sum=self.comm.sum_over_row_shards if sharded else None,
+                            host_check=host_check)
 
     def _local_basis(self, st: ParamState) -> torch.Tensor:
         """E, or on the output side of a row-sharded weight the rows this rank holds."""
@@ -665,7 +669,8 @@ class SpectralProjector:
             g = self.comm.local(st.param.grad)
             G = st.matrix(g)  # a view of .grad, unless .grad's layout needs a copy
             W = st.matrix(self.comm.local(st.param.detach())) if st.sharpness else None
-            oks.append(self._update(G, self._local_basis(st), st.side, W, st.sharpness_scale()))
+            oks.append(self._update(G, self._local_basis(st), st, W, st.sharpness_scale(),
+                                    host_check=G.device.type == "cpu"))
             st.write_matrix(g, G)
         return oks
 
@@ -686,7 +691,7 @@ class SpectralProjector:
         their DSBP directions (shared by the stacked path and the CUDA graph)."""
         W = (torch.stack([st.matrix(self.comm.local(st.param.detach())) for st in sts])
              if any(st.sharpness for st in sts) else None)
-        return self._update(G, E, sts[0].side, W, s)
+        return self._update(G, E, sts[0], W, s, host_check=False)
 
     def _project_stacked(self, groups: list[list[ParamState]]) -> list[torch.Tensor]:
         oks = []
