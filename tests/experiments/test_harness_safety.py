@@ -311,3 +311,15 @@ def test_posthoc_refuses_a_run_whose_data_folder_is_gone(finished, tmp_path, cap
     with pytest.raises(SystemExit) as exc:
         main(["shift", str(out), "--kinds", "noise", "--severities", "1", "--tta", "none"])
     assert exc.value.code == 2 and str(tmp_path / "gone") in capsys.readouterr().err
+
+
+def test_demo_into_a_folder_that_is_not_a_bench_folder_refuses(tmp_path, capsys):
+    """`dsbp demo --out EXISTING` on a folder of the user's: its report.md is not replaced."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report\n")
+    before = _snapshot(mine)
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(mine), "--no-progress"])
+    assert exc.value.code == 2 and "is not a `dsbp bench` folder" in capsys.readouterr().err
+    assert _snapshot(mine) == before and sorted(p.name for p in mine.iterdir()) == ["report.md"]

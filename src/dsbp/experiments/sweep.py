@@ -227,11 +227,19 @@ def preflight(runs: Sequence[GridRun], out: str | Path, resume: bool) -> dict[st
         is unreadable (the file is named). The other runs go on.
 
     Raises:
-        FileExistsError: ``out/runs`` holds runs and ``resume`` is False.
+        FileExistsError: ``out/runs`` holds runs and ``resume`` is False; or ``out`` holds
+            other files and is not a bench folder (no ``bench.json``, no ``runs/``).
         ValueError: ``resume`` and some saved configs differ from the grid's: every such run
             and its differing keys are named.
     """
-    runs_dir = Path(out) / "runs"
+    out = Path(out)
+    runs_dir = out / "runs"
+    if out.is_dir() and not (out / "bench.json").exists() and not runs_dir.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+        if foreign:  # e.g. `dsbp demo --out ~/project`: its report.md is not ours to replace
+            raise FileExistsError(
+                f"{out} is not a `dsbp bench` folder and is not empty ({', '.join(foreign[:5])}"
+                f"{', ...' if len(foreign) > 5 else ''}); choose a new or empty --out")
     _refuse_existing(runs_dir, resume)
     refused: dict[str, str] = {}
     differ: list[str] = []
