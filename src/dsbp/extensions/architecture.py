@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -158,16 +159,19 @@ def factorize_layer(module: nn.Module, E: torch.Tensor) -> nn.Sequential:
         ``nn.Sequential(first, second)``: ``first`` has r outputs, weight ``E^T W`` and bias
         ``E^T b``; ``second`` is a bias-free Linear(r, d_out) / 1x1 Conv2d with weight ``E``.
     """
-    W = adapters.as_matrix(module.weight.detach())
+    layer: Any = module  # torch types Module attributes as ``Tensor | Module``
+    W = adapters.as_matrix(layer.weight.detach())
     if E.ndim != 2 or E.shape[0] != W.shape[0] or not 1 <= E.shape[1] <= W.shape[0]:
         raise ValueError(
             f"E must be (d_out={W.shape[0]}, r) with 1 <= r <= d_out, got {tuple(E.shape)}"
         )
     r = E.shape[1]
     E = E.to(torch.float64)
-    W1 = (E.T @ W.to(torch.float64)).to(module.weight.dtype)  # (r, d_in)
-    b1 = None if module.bias is None else (E.T @ module.bias.detach().double()).to(W1.dtype)
-    dev, dt = module.weight.device, module.weight.dtype
+    W1 = (E.T @ W.to(torch.float64)).to(layer.weight.dtype)  # (r, d_in)
+    b1 = None if layer.bias is None else (E.T @ layer.bias.detach().double()).to(W1.dtype)
+    dev, dt = layer.weight.device, layer.weight.dtype
+    first: nn.Linear | nn.Conv2d
+    second: nn.Linear | nn.Conv2d
     if isinstance(module, nn.Linear):
         first = nn.Linear(module.in_features, r, bias=b1 is not None, device=dev, dtype=dt)
         second = nn.Linear(r, module.out_features, bias=False, device=dev, dtype=dt)
@@ -179,10 +183,11 @@ def factorize_layer(module: nn.Module, E: torch.Tensor) -> nn.Sequential:
         first = nn.Conv2d(
             module.in_channels,
             r,
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
+            # a Conv2d stores its geometry as 2-tuples (torch types them ``tuple[int, ...]``)
+            cast("tuple[int, int]", module.kernel_size),
+            cast("tuple[int, int]", module.stride),
+            cast("str | tuple[int, int]", module.padding),
+            cast("tuple[int, int]", module.dilation),
             bias=b1 is not None,
             padding_mode=module.padding_mode,
             device=dev,
@@ -194,6 +199,7 @@ def factorize_layer(module: nn.Module, E: torch.Tensor) -> nn.Sequential:
     else:
         raise TypeError(f"cannot factorise a {type(module).__name__}; Linear or Conv2d only")
     if b1 is not None:
+        assert first.bias is not None  # built with bias=True just above
         first.bias.data.copy_(b1)
     return nn.Sequential(first, second)
 
@@ -230,7 +236,7 @@ def factorize(
     new = copy.deepcopy(model)
     info = {}
     for name, r in ranks.items():
-        module = new.get_submodule(name)
+        module: Any = new.get_submodule(name)
         d_out = adapters.as_matrix(module.weight).shape[0]
         fac = factorize_layer(module, spectra[name].basis(r))
         after = sum(
@@ -322,8 +328,8 @@ def prune_units(model: nn.Module, coupling: Coupling, keep: torch.Tensor) -> Non
     statistics, and the consumer's input columns (``expand`` consecutive columns per unit).
     """
     keep = keep.sort().values.long()
-    prod = model.get_submodule(coupling.producer)
-    cons = model.get_submodule(coupling.consumer)
+    prod: Any = model.get_submodule(coupling.producer)
+    cons: Any = model.get_submodule(coupling.consumer)
     prod.weight = _slice_(prod.weight, keep, 0)
     prod.bias = _slice_(prod.bias, keep, 0)
     if isinstance(prod, nn.Conv2d):
@@ -331,7 +337,7 @@ def prune_units(model: nn.Module, coupling: Coupling, keep: torch.Tensor) -> Non
     else:
         prod.out_features = len(keep)
     if coupling.norm is not None:
-        bn = model.get_submodule(coupling.norm)
+        bn: Any = model.get_submodule(coupling.norm)
         bn.weight, bn.bias = _slice_(bn.weight, keep, 0), _slice_(bn.bias, keep, 0)
         bn.running_mean = _slice_(bn.running_mean, keep, 0)
         bn.running_var = _slice_(bn.running_var, keep, 0)
@@ -349,12 +355,12 @@ def prune_units(model: nn.Module, coupling: Coupling, keep: torch.Tensor) -> Non
 def _masked(model: nn.Module, coupling: Coupling, drop: torch.Tensor) -> nn.Module:
     """Copy of ``model`` whose ``drop`` units output exactly 0 after their norm (the reference)."""
     m = copy.deepcopy(model)
-    prod = m.get_submodule(coupling.producer)
+    prod: Any = m.get_submodule(coupling.producer)
     adapters.as_matrix(prod.weight)[drop] = 0
     if prod.bias is not None:
         prod.bias[drop] = 0
     if coupling.norm is not None:
-        bn = m.get_submodule(coupling.norm)
+        bn: Any = m.get_submodule(coupling.norm)
         bn.weight[drop], bn.bias[drop] = 0, 0
     return m
 

@@ -30,6 +30,7 @@ Typical use::
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +183,9 @@ class SpectralTransferPenalty:
             raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
         self.mu, self.side = mu, _check_side(side)
         modules = dict(model.named_modules())
-        self.modules: dict[str, nn.Module] = {}
+        # Linear / Conv2d layers (checked below); Any since torch types their attributes
+        # as ``Tensor | Module``
+        self.modules: dict[str, Any] = {}
         self.bases: dict[str, torch.Tensor] = {}
         self.W0: dict[str, torch.Tensor] = {}
         for name, E in bases.items():
@@ -269,25 +272,29 @@ class SpectralAdapter(nn.Module):
         TypeError: a layer that is neither Linear nor Conv2d.
     """
 
+    base: nn.Linear | nn.Conv2d
+    E: torch.Tensor  # a buffer
+
     def __init__(self, base: nn.Module, E: torch.Tensor, side: str = "output") -> None:
         super().__init__()
         if not adapters.is_supported(base):
             raise TypeError("SpectralAdapter wraps nn.Linear / nn.Conv2d, got "
                             f"{type(base).__name__}")
+        layer = cast("nn.Linear | nn.Conv2d", base)  # is_supported checked just above
         if isinstance(base, nn.Conv2d) and base.groups != 1:
             raise ValueError("SpectralAdapter needs groups=1 convolutions, got "
                              f"groups={base.groups}")
         self.side = _check_side(side)
-        d_out, d_in = adapters.as_matrix(base.weight).shape
+        d_out, d_in = adapters.as_matrix(layer.weight).shape
         d = d_out if side == "output" else d_in
         if E.ndim != 2 or E.shape[0] != d or E.shape[1] < 1:
             raise ValueError(f"basis E must be ({d}, k) with k >= 1 for side={side!r}, "
                              f"got {tuple(E.shape)}")
         k = E.shape[1]
-        self.base = base
+        self.base = layer
         for p in base.parameters():
             p.requires_grad_(False)
-        w = base.weight
+        w = layer.weight
         self.register_buffer("E", E.detach().clone().to(w.device, w.dtype))
         shape = (k, d_in) if side == "output" else (d_out, k)
         self.K = nn.Parameter(torch.zeros(shape, device=w.device, dtype=w.dtype))
