@@ -38,6 +38,12 @@ __all__ = [
 ]
 
 
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The ``.weight`` of submodule ``name`` (Any: torch types it ``Tensor | Module``)."""
+    layer: Any = model.get_submodule(name)
+    return layer.weight
+
+
 def _layers_with_basis(projector: Any, layers: Iterable[str] | None) -> list[str]:
     names = list(layers) if layers is not None else projector.layer_names()
     out = []
@@ -72,7 +78,7 @@ def gradient_energy_kept(
     names = _layers_with_basis(projector, layers)
     if not names:
         return {}
-    weights = [model.get_submodule(n).weight for n in names]
+    weights: list[torch.Tensor] = [_weight(model, n) for n in names]
     g = make_grad(model, loss_fn, batches, weights)()
     out = {}
     for n, w, gw in zip(names, weights, torch.split(g, [w.numel() for w in weights]), strict=True):
@@ -132,12 +138,14 @@ def hessian_basis_overlap(
     st = projector.layer_state(layer)
     if st.block is None:
         raise ValueError(f"layer {layer!r} has no DSBP basis yet (no refresh happened)")
-    weight = model.get_submodule(layer).weight
+    weight = _weight(model, layer)
     eig = hessian_top_eigenvalues(model, loss_fn, batches, k=min(k, weight.numel()),
                                   params=[weight], iters=iters, generator=generator)
-    shape = tuple(as_matrix(weight).shape)
+    assert not isinstance(eig, dict)  # per_layer=False: one estimate
+    d_out, d_in = as_matrix(weight).shape
+    shape = (d_out, d_in)
     E = projector.basis(layer)
-    cos2 = overlap_with_subspace(eig.eigenvectors, E, st.side, shape)  # type: ignore[arg-type]
+    cos2 = overlap_with_subspace(eig.eigenvectors, E, st.side, shape)
     d = shape[0] if st.side == "output" else shape[1]
     return {
         "overlap": float(cos2.mean()),

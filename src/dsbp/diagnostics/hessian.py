@@ -76,7 +76,7 @@ class SpectralDensity:
     dim: int
 
 
-def weight_layers(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Parameter]:
+def weight_layers(model: nn.Module, params: ParamSpec = None) -> dict[str, torch.Tensor]:
     """Weights of every ``nn.Linear`` / ``nn.Conv2d`` in ``model``, by module name.
 
     With ``params`` given (names or tensors), only layers whose weight is in it are kept.
@@ -84,7 +84,7 @@ def weight_layers(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Pa
     wanted: set[int] | None = None
     if params is not None:
         wanted = {id(p) for _, p in named_selected_params(model, params)}
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Linear, nn.Conv2d)) and mod.weight.requires_grad:
             if wanted is None or id(mod.weight) in wanted:
@@ -181,11 +181,13 @@ def hessian_top_eigenvalues(
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     batch_list = as_batch_list(batches)
     if per_layer:
-        return {
-            name: hessian_top_eigenvalues(model, loss_fn, batch_list, k, method, [w],
+        eigs: dict[str, HessianEigen] = {}
+        for name, w in weight_layers(model, params).items():
+            eig = hessian_top_eigenvalues(model, loss_fn, batch_list, k, method, [w],
                                           iters=iters, tol=tol, generator=generator)
-            for name, w in weight_layers(model, params).items()
-        }
+            assert isinstance(eig, HessianEigen)  # per_layer=False: one estimate
+            eigs[name] = eig
+        return eigs
     matvec, dim = make_hvp(model, loss_fn, batch_list, params)
     if k > dim:
         raise ValueError(f"k={k} exceeds the number of selected parameters ({dim})")
@@ -224,10 +226,12 @@ def hessian_trace(
         raise ValueError(f"n_samples must be an int >= 2, got {n_samples!r}")
     batch_list = as_batch_list(batches)
     if per_layer:
-        return {
-            name: hessian_trace(model, loss_fn, batch_list, n_samples, [w], generator=generator)
-            for name, w in weight_layers(model, params).items()
-        }
+        traces: dict[str, TraceEstimate] = {}
+        for name, w in weight_layers(model, params).items():
+            tr = hessian_trace(model, loss_fn, batch_list, n_samples, [w], generator=generator)
+            assert isinstance(tr, TraceEstimate)  # per_layer=False: one estimate
+            traces[name] = tr
+        return traces
     matvec, dim = make_hvp(model, loss_fn, batch_list, params)
     samples = torch.empty(n_samples, dtype=torch.float64)
     for i in range(n_samples):

@@ -239,6 +239,7 @@ def make_hvp(
                     hv = [torch.zeros_like(p) for p in ps]
                 else:
                     gv = sum((g * vi).sum() for g, vi in pairs)
+                    assert isinstance(gv, torch.Tensor)  # pairs is not empty
                     hv_raw = torch.autograd.grad(gv, ps, allow_unused=True)
                     hv = [torch.zeros_like(p) if h is None else h
                           for h, p in zip(hv_raw, ps, strict=True)]

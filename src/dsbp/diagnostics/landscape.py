@@ -16,6 +16,7 @@ instead treats each such vector as a single filter.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -107,7 +108,8 @@ def basis_direction(
         Flat direction (dim,) float64 on CPU.
     """
     check_side(side)
-    weight = model.get_submodule(layer).weight
+    module: Any = model.get_submodule(layer)  # torch types ``.weight`` as ``Tensor | Module``
+    weight: torch.Tensor = module.weight
     W = weight.detach().to("cpu", torch.float64).reshape(weight.shape[0], -1)
     e = E[:, index].detach().to("cpu", torch.float64)
     D = torch.outer(e, e @ W) if side == "output" else torch.outer(W @ e, e)
