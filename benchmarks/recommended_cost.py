@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 from pathlib import Path
 
@@ -120,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="results JSON name under benchmarks/results/")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    res: dict = {"command": "python benchmarks/recommended_cost.py " + " ".join(argv or sys.argv[1:]),
+    cmd = "python benchmarks/recommended_cost.py " + " ".join(argv or sys.argv[1:])
+    res: dict = {"command": cmd,
                  "args": vars(args), "env": env_info(device), "p": P, "seed": 0,
                  "recommended": RECOMMENDED, "models": {}}
     for name in args.models:

@@ -311,14 +311,11 @@ class AdaptiveDSBP(DSBP):
         probe_every: int | None = None,
         probe_iters: int = 2,
         ema_dense_max: int = 512,
-        projector_kwargs: dict | None = None,
         **kwargs: Any,
     ) -> None:
-        adaptive = {"rho": rho, "tau": tau, "p_min": p_min, "p_max": p_max, "grow": grow,
-                    "probe_every": probe_every, "probe_iters": probe_iters,
-                    "ema_dense_max": ema_dense_max}
-        super().__init__(model, *args, projector_kwargs={**adaptive, **(projector_kwargs or {})},
-                         **kwargs)
+        super().__init__(model, *args, rho=rho, tau=tau, p_min=p_min, p_max=p_max, grow=grow,
+                         probe_every=probe_every, probe_iters=probe_iters,
+                         ema_dense_max=ema_dense_max, **kwargs)
 
     def _sync_group_overrides(self) -> None:
         # Groups may carry rank / sharpness. A group "interval" would overwrite the adaptive
@@ -408,8 +405,9 @@ class SpectralTTA:
                 m.running_mean, m.running_var = None, None
         for p in model.parameters():
             p.requires_grad_(False)
-        params = []
-        bns = {n: m for n, m in model.named_modules() if isinstance(m, _BN) and m.affine}
+        params: list[Any] = []
+        bns: dict[str, Any] = {n: m for n, m in model.named_modules()
+                               if isinstance(m, _BN) and m.affine}
         for m in bns.values():
             params += [m.weight, m.bias]
         if adapt == "all":
@@ -427,7 +425,7 @@ class SpectralTTA:
             else torch.optim.SGD(params, lr=lr, momentum=0.9)
         )
         self.projector = None
-        self._bn_basis: list[tuple[nn.Module, str]] = []
+        self._bn_basis: list[tuple[Any, str]] = []
         if self.project:
             self.projector = AdaptiveSpectralProjector(
                 model,
@@ -446,6 +444,7 @@ class SpectralTTA:
             self._bn_basis = [(bns[n], prod[n]) for n in bns if n in prod]
 
     def _project_norm_grads(self) -> None:
+        assert self.projector is not None
         for bn, layer in self._bn_basis:
             try:
                 E = self.projector.basis(layer)
@@ -469,6 +468,7 @@ class SpectralTTA:
                 self.projector.project_()  # tracks the bases; projects adapted weights' grads
                 self._project_norm_grads()
             self.opt.step()
+        assert logits is not None
         return logits.detach()
 
     __call__ = adapt

@@ -171,12 +171,9 @@ class LieDSBP(DSBP):
         track_every: int = 1,
         lie_step: float = 0.5,
         rotation: bool = False,
-        projector_kwargs: dict | None = None,
         **kwargs: Any,
     ) -> None:
-        lie = {"track_every": track_every, "lie_step": lie_step}
-        super().__init__(model, *args, projector_kwargs={**lie, **(projector_kwargs or {})},
-                         **kwargs)
+        super().__init__(model, *args, track_every=track_every, lie_step=lie_step, **kwargs)
         self.rotation = bool(rotation)
 
     def _lr_of(self, p: torch.Tensor) -> float:
@@ -186,7 +183,9 @@ class LieDSBP(DSBP):
         raise ValueError("a projected weight is in no param group of the optimizer")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
         """Project (tracking bases), optionally rotate the projected weights, step the base."""
         if not self.rotation:
             return super().step(closure)

@@ -44,7 +44,7 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def dim(module: nn.Module, side: str) -> int:
+def dim(module: Any, side: str) -> int:
     """Width ``d`` of the covariance on ``side`` for a Linear / Conv ``module``."""
     W = as_matrix(module.weight)
     return W.shape[0] if side == "output" else W.shape[1]
@@ -94,17 +94,18 @@ def _conv_output_rows(out: torch.Tensor, max_rows: int, gen: torch.Generator) ->
     return o[flat // L, :, flat % L].float()  # (m, C_out)
 
 
-def _out_len(size: int, conv: nn.Module, axis: int) -> int:
+def _out_len(size: int, conv: Any, axis: int) -> int:
     p, d, k, s = conv.padding[axis], conv.dilation[axis], conv.kernel_size[axis], conv.stride[axis]
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return int((size + 2 * p - d * (k - 1) - 1) // s + 1)
 
 
-def _im2col_rows(conv: nn.Module, x: torch.Tensor, max_rows: int, gen: torch.Generator
+def _im2col_rows(conv: Any, x: torch.Tensor, max_rows: int, gen: torch.Generator
                  ) -> torch.Tensor:
     """im2col patches of a Conv1d / Conv2d input, on only enough images to supply ``max_rows``
     rows (x4 for variety), then subsampled."""
     x = x.detach()
     one_d = x.dim() == 3
+    kw: dict[str, Any]
     if one_d:  # (N, C, L) as a (N, C, 1, L) image with a (1, k) kernel
         x = x.unsqueeze(2)
         kw = dict(kernel_size=(1, conv.kernel_size[0]), dilation=(1, conv.dilation[0]),
@@ -186,7 +187,7 @@ class ConvAdapter(WeightAdapter):
     """``nn.Conv1d/2d/3d``: output side always; input side (im2col) for 1d/2d with groups=1
     and integer zero padding."""
 
-    def skip_reason(self, module: nn.Module, attr: str, side: str) -> str | None:
+    def skip_reason(self, module: Any, attr: str, side: str) -> str | None:
         if side != "input":
             return None
         if isinstance(module, nn.Conv3d):
@@ -232,12 +233,12 @@ class MultiheadAttentionAdapter(WeightAdapter):
       values) never leaves the fused function, so the input side is not available.
     """
 
-    def weights(self, module: nn.Module) -> list[str]:
+    def weights(self, module: Any) -> list[str]:
         names = (["in_proj_weight"] if module.in_proj_weight is not None
                  else ["q_proj_weight", "k_proj_weight", "v_proj_weight"])
         return names + ["out_proj.weight"]
 
-    def children(self, module: nn.Module) -> list[nn.Module]:
+    def children(self, module: Any) -> list[nn.Module]:
         return [module.out_proj]
 
     def skip_reason(self, module: nn.Module, attr: str, side: str) -> str | None:
@@ -252,7 +253,7 @@ class MultiheadAttentionAdapter(WeightAdapter):
         vals = list(args[:3]) + [kwargs[n] for n in names[len(args[:3]):]]
         return vals[0], vals[1], vals[2]
 
-    def rows(self, module: nn.Module, attr: str, args: tuple, kwargs: dict, output: Any,
+    def rows(self, module: Any, attr: str, args: tuple, kwargs: dict, output: Any,
              side: str, max_rows: int, gen: torch.Generator) -> torch.Tensor | None:
         with torch.no_grad():
             if attr == "out_proj.weight":
@@ -269,7 +270,8 @@ class MultiheadAttentionAdapter(WeightAdapter):
                 W = getattr(module, attr)
                 b = None if bias is None else bias[i * E:(i + 1) * E]
                 return _sample(F.linear(x.detach(), W, b), max_rows, gen)
-            distinct = [t for j, t in enumerate((q, k, v)) if all(t is not u for u in (q, k, v)[:j])]
+            qkv = (q, k, v)
+            distinct = [t for j, t in enumerate(qkv) if all(t is not u for u in qkv[:j])]
             if side == "input":
                 return torch.cat([_sample(t, max_rows, gen) for t in distinct])
             W = module.in_proj_weight
@@ -324,16 +326,18 @@ register_adapter("transformers.pytorch_utils.Conv1D", TransposedLinearAdapter())
 def resolve(module: nn.Module, attr: str) -> tuple[nn.Module, str]:
     """The module that directly owns weight ``attr`` (``"out_proj.weight"``) and its name."""
     *path, leaf = attr.split(".")
+    owner: Any = module
     for p in path:
-        module = getattr(module, p)
-    return module, leaf
+        owner = getattr(owner, p)
+    return owner, leaf
 
 
 def parametrized_reason(module: nn.Module, attr: str) -> str | None:
     """Why a weight is not a plain parameter (parametrizations, old-style weight_norm)."""
     owner, leaf = resolve(module, attr)
     if parametrize.is_parametrized(owner, leaf):
-        kinds = ", ".join(type(p).__name__ for p in owner.parametrizations[leaf])
+        plist: Any = owner.parametrizations
+        kinds = ", ".join(type(p).__name__ for p in plist[leaf])
         return (f"parametrized weight ({kinds}): its gradient belongs to the parametrization's "
                 "original tensors, not projected")
     if not isinstance(getattr(owner, leaf, None), nn.Parameter):

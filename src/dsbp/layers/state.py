@@ -61,6 +61,13 @@ class ParamState:
     nonfinite: torch.Tensor | None = None
 
     @property
+    def grad(self) -> torch.Tensor:
+        """The parameter's gradient (callers check that there is one)."""
+        g = self.param.grad
+        assert g is not None, f"weight {self.name!r} has no gradient"
+        return g
+
+    @property
     def module(self) -> nn.Module:
         """The first module that uses this weight."""
         return self.uses[0].module

@@ -25,8 +25,17 @@ from torch import nn
 
 from dsbp.optim.projector import OVERRIDABLE, SpectralProjector
 
-PROJECTOR_OPTIONS = frozenset(inspect.signature(SpectralProjector.__init__).parameters) - {
-    "self", "model", "params"}
+def projector_options(cls: type[SpectralProjector]) -> frozenset[str]:
+    """Keyword arguments that go to the projector: those of ``cls`` (a subclass adds its own,
+    e.g. ``track_every``) and of :class:`SpectralProjector`."""
+    names: set[str] = set()
+    for c in {cls, SpectralProjector}:
+        names |= {n for n, p in inspect.signature(c).parameters.items()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(names - {"model", "params"})
+
+
+PROJECTOR_OPTIONS = projector_options(SpectralProjector)
 
 
 def _needs_closure(base_optimizer: Callable[..., torch.optim.Optimizer]) -> bool:
@@ -79,7 +88,8 @@ class DSBP(torch.optim.Optimizer):
             raise TypeError(f"{getattr(base_optimizer, '__name__', base_optimizer)} needs a "
                             "closure that it re-evaluates within one step; DSBP projects once "
                             "per step and cannot follow it. Use a first-order optimizer.")
-        proj_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in PROJECTOR_OPTIONS}
+        options = projector_options(self.projector_class)
+        proj_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in options}
         proj_kw.update(projector_kwargs or {})
         self.base_optimizer = base_optimizer(
             model.parameters() if params is None else params, **kwargs)
@@ -105,7 +115,9 @@ class DSBP(torch.optim.Optimizer):
                     self.projector.configure(st.name, **ov)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
         """Optionally evaluate ``closure`` (with grad) once, project the gradients, step the
         base."""
         loss = None

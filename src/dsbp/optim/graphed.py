@@ -101,7 +101,7 @@ class ProjectionGraph:
         self._tags = tags
 
     def _copy_in(self) -> list[torch.Tensor]:
-        grads = [self.local(st.param.grad) for st in self._states]
+        grads = [self.local(st.grad) for st in self._states]
         torch._foreach_copy_(self._rows, [st.matrix(g) for st, g in
                                           zip(self._states, grads, strict=True)])
         return grads

@@ -313,7 +313,7 @@ class SpectralProjector:
             else:
                 candidates.append(f)
         if skip_first_last and candidates:
-            for f in {id(candidates[0]): candidates[0], id(candidates[-1]): candidates[-1]}.values():
+            for f in (candidates[0], candidates[-1]):
                 self.skipped[f.name] = "first or last weight (skip_first_last=True)"
             candidates = candidates[1:-1]
         return candidates
@@ -542,7 +542,8 @@ class SpectralProjector:
         cold start. The one eigensolver of the project."""
         st = sts[0]
         if self.is_warm(st):
-            V0 = torch.stack([s.block for s in sts]) if len(sts) > 1 else st.block
+            blocks = [s.block for s in sts if s.block is not None]
+            V0 = torch.stack(blocks) if len(blocks) > 1 else blocks[0]
             return block_power_iteration(op.matvec, V0.to(self.eig_dtype), self.power_iters)
         b = self.block_width(st)
         if st.dim <= self.exact_threshold:
@@ -592,8 +593,7 @@ class SpectralProjector:
                 n = max(A.shape[0] for _, A in group)  # zero rows leave A^T A unchanged
                 As = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, n - A.shape[0]))
                                   for _, A in group])
-                op = self._distributed(Operator(gram_matvec(As), lambda: covariance(As),
-                                                trace_of_covariance(As)))
+                op = self._distributed(CovarianceEstimator().operator(self, sts[0], As))
                 evals, V = self._solve(sts, op)
                 for j, (st, A) in enumerate(group):
                     self._commit(st, V[j], evals[j], self.comm.all_reduce_sum(
@@ -666,7 +666,7 @@ class SpectralProjector:
     def _project_loop(self, sts: list[ParamState]) -> list[torch.Tensor]:
         oks = []
         for st in sts:
-            g = self.comm.local(st.param.grad)
+            g = self.comm.local(st.grad)
             G = st.matrix(g)  # a view of .grad, unless .grad's layout needs a copy
             W = st.matrix(self.comm.local(st.param.detach())) if st.sharpness else None
             oks.append(self._update(G, self._local_basis(st), st, W, st.sharpness_scale(),
@@ -697,7 +697,7 @@ class SpectralProjector:
         oks = []
         for sts in groups:
             E, s = self._stacked_basis(sts)
-            grads = [self.comm.local(st.param.grad) for st in sts]
+            grads = [self.comm.local(st.grad) for st in sts]
             G = torch.stack([st.matrix(g) for st, g in zip(sts, grads, strict=True)]).to(E.dtype)
             oks.append(self.update_stack_(sts, G, E, s))
             for st, g, Gi in zip(sts, grads, G.unbind(0), strict=True):
@@ -776,8 +776,8 @@ class SpectralProjector:
         else:
             groups: dict[tuple, list[ParamState]] = {}
             for st in live:
-                g = st.param.grad
-                key = (tuple(g.shape), g.dtype, g.device, st.side, st.k, st.block.dtype)
+                g, blk = st.grad, st.basis
+                key = (tuple(g.shape), g.dtype, g.device, st.side, st.k, blk.dtype)
                 groups.setdefault(key, []).append(st)
             grouped = list(groups.values())
             sts = [st for g in grouped for st in g]

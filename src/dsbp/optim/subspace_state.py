@@ -232,11 +232,11 @@ class SubspaceAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self._state_of.get(id(p))
-                if st is None:
+                sub = self._state_of.get(id(p))
+                if sub is None:
                     self._full_step(p, p.grad, group)
                 else:
-                    self._subspace_step(p, st, group)
+                    self._subspace_step(p, sub, group)
         self.projector.end_step()
         return loss
 
@@ -283,7 +283,7 @@ class SubspaceAdam(torch.optim.Optimizer):
         E = st.basis[comm.row_slice(p)] if output else st.basis  # this rank's rows of E
         W = st.matrix(comm.local(p))
         # the coordinates of the DSBP direction: E^T G + s e_1 e1^T W (k, d_in) or G E + ...
-        R = dsbp_coordinates(st.matrix(comm.local(p.grad)), E, st.side,
+        R = dsbp_coordinates(st.matrix(comm.local(st.grad)), E, st.side,
                              W=W if st.sharpness else None, scale=st.sharpness_scale(),
                              row_sum=comm.sum_over_row_shards)
         U = self._adam(self.state[p], R, group)
