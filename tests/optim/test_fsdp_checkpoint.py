@@ -110,3 +110,12 @@ def test_dcp_checkpoint_resumes_identically_and_on_another_world_size(tmp_path, 
             assert principal_angles(opt.projector.basis(n), E).max() < 1e-3, n
     finally:
         torch.set_num_threads(n_threads)
+
+
+def test_checkpoint_helpers_refuse_subspace_adam_clearly(tmp_path):
+    from dsbp.optim.subspace_state import SubspaceAdam
+
+    net = Net()
+    with pytest.raises(NotImplementedError, match="SubspaceAdam"):
+        save_checkpoint(tmp_path / "ck", net, SubspaceAdam(net, rank=2, interval=2))
+    assert not (tmp_path / "ck").exists()
