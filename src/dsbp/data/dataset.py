@@ -57,7 +57,7 @@ class ImageDataset:
         splits = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
         if (self.x_val is None) != (self.y_val is None):
             raise ValueError(f"{self.name}: x_val and y_val must both be given or both be None")
-        if self.x_val is not None:
+        if self.x_val is not None and self.y_val is not None:  # both or neither (checked above)
             splits.append(("val", self.x_val, self.y_val))
         shape = tuple(self.x_train.shape[1:])
         for split, x, y in splits:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def candidates(root: Path) -> list[Candidate]:
     for folder in (root / "fashion_mnist", root / "fashion-mnist",
                    root / "FashionMNIST" / "raw", root):
         probe = _idx_path(folder, FILES["train"][0])
-        out.append(Candidate(probe, "IDX", lambda f=folder: _read_idx_folder(f)))
+        out.append(Candidate(probe, "IDX", partial(_read_idx_folder, folder)))
     npz = root / "fashion_mnist.npz"
     out.append(Candidate(npz, "pixel-array npz", lambda: _read_npz(npz)))
     return out

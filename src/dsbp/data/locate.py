@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -85,7 +86,8 @@ def atomic_save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             # Uncompressed: reading back is a memcpy, and decoding JPEG is what we avoid.
-            np.savez(f, **arrays)
+            # (cast: numpy's stub types **kwds against its allow_pickle: bool keyword)
+            np.savez(f, **cast("dict[str, Any]", arrays))
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -8,6 +8,7 @@ the same for ``val_`` and ``test_``. Shared layout (``medmnist_<flag>.npz``): ``
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,7 @@ def candidates(root: Path, flag: str) -> list[Candidate]:
     name = f"medmnist:{flag}"
     paths = [root / f"{flag}.npz", root / "medmnist" / f"{flag}.npz",
              root / f"medmnist_{flag}.npz"]
-    return [Candidate(p, "npz", lambda p=p: _read(name, base, p)) for p in paths]
+    return [Candidate(p, "npz", partial(_read, name, base, p)) for p in paths]
 
 
 def download(target: Path, flag: str) -> None:
