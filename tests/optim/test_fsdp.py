@@ -16,7 +16,8 @@ training loop is the plain one. Checked against one process that sees the concat
   shards; input-side subspace moments (rows, k) follow the row shards; output-side subspace
   moments (k, d_in) and the bases (d, k) are replicated, which is why SubspaceAdam's check is on
   the input side);
-* output side and input side for DSBP, both for SubspaceAdam.
+* output side and input side for DSBP (and the output side again through the stacked path,
+  `path="stacked"`), both sides for SubspaceAdam.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ pytestmark = pytest.mark.distributed
 
 
 def _optimizer(case: str, net: nn.Module, distributed: bool) -> torch.optim.Optimizer:
-    side = case.rsplit("_", 1)[1]
+    side = "input" if "input" in case else "output"
+    path = "stacked" if case.endswith("stacked") else "loop"
     kw = dict(rank=3, interval=2, max_rows=10**6, sharpness=0.1, side=side,
-              projector_kwargs={"oversample": 3})
+              projector_kwargs={"oversample": 3, "path": path})
     if case.startswith("dsbp"):
         if distributed:
             from dsbp.optim.distributed import DistributedDSBP
@@ -114,7 +116,7 @@ def _check(tmp_path: Path, cases: tuple[str, ...]) -> None:
 
 
 def test_dsbp_under_fsdp2_matches_one_process_on_the_concatenated_batch(tmp_path):
-    _check(tmp_path, ("dsbp_output", "dsbp_input"))
+    _check(tmp_path, ("dsbp_output", "dsbp_input", "dsbp_output_stacked"))
 
 
 def test_subspace_adam_under_fsdp2_matches_one_process_on_the_concatenated_batch(tmp_path):
