@@ -371,3 +371,44 @@ def test_a_non_finite_gradient_is_reported_and_not_spread():
     assert int((~torch.isfinite(g)).sum()) == 1  # one entry, as the base optimizer sees it
     torch.testing.assert_close(g, sgd_like, equal_nan=True)
     assert torch.isfinite(net[0].weight.grad).all()
+
+
+# ----------------------------------------------------------------------- user adapters
+class Gated(nn.Module):
+    """A layer no built-in adapter knows: y = (x W^T) * sigmoid(x V^T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 6) / 3)
+        self.v = nn.Parameter(torch.randn(4, 6) / 3)
+
+    def forward(self, x):
+        return (x @ self.w.T) * torch.sigmoid(x @ self.v.T)
+
+
+def test_a_registered_adapter_makes_a_custom_layer_projectable():
+    from dsbp.layers import adapters
+
+    class GatedAdapter(adapters.WeightAdapter):
+        def weights(self, module):
+            return ["w"]  # project w on its inputs; v stays unprojected
+
+        def rows(self, module, attr, args, kwargs, output, side, max_rows, gen):
+            return args[0].detach().reshape(-1, 6).float()
+
+    torch.manual_seed(9)
+    layer = Gated()
+    assert SpectralProjector(nn.Sequential(layer, nn.Linear(4, 2)), rank=2).layer_names() == ["1"]
+    adapters.register_adapter(Gated, GatedAdapter())
+    try:
+        p = _exact(layer, 2, side="input")
+        assert p.layer_names() == ["w"] and "v" in p.skipped
+        x = torch.randn(30, 6)
+        layer(x).sum().backward()
+        G = layer.w.grad.clone().double()
+        p.project_()
+        E = p.basis("w").double()
+        assert _angle(E, _top(x, 2)) < 1e-6
+        torch.testing.assert_close(layer.w.grad.double(), (G @ E) @ E.T, rtol=1e-6, atol=1e-9)
+    finally:
+        adapters.unregister_adapter(Gated)

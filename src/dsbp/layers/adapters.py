@@ -307,6 +307,11 @@ def register_adapter(module_type: type | str, adapter: WeightAdapter) -> None:
     _REGISTRY[module_type] = adapter
 
 
+def unregister_adapter(module_type: type | str) -> None:
+    """Undo :func:`register_adapter` for ``module_type`` (a KeyError if none is registered)."""
+    del _REGISTRY[module_type]
+
+
 def adapter_for(module: nn.Module) -> WeightAdapter | None:
     """The adapter registered for ``module``'s type (None: no adapter)."""
     for cls in type(module).__mro__:
