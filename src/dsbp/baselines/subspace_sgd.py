@@ -85,7 +85,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         lanczos_iters: int | None = None,
         lanczos_dtype: torch.dtype = torch.float64,
         params: Any = None,
-        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
         seed: int = 0,
         **base_kwargs: Any,
     ) -> None:
