@@ -94,7 +94,7 @@ def scan(model: nn.Module, side: str) -> list[FoundWeight]:
             if p is None or (id(m), leaf) in handled:
                 continue
             entry(p)
-            unhandled.setdefault(id(p), []).append(_why_unhandled(m, mname, leaf))
+            unhandled.setdefault(id(p), []).append(_why_unhandled(m, mname, leaf, p.dim()))
     for pid, e in found.items():
         why = unhandled.get(pid)
         if why and e.uses:
@@ -106,7 +106,7 @@ def scan(model: nn.Module, side: str) -> list[FoundWeight]:
     return sorted(found.values(), key=lambda e: order.get(id(e.param), len(order)))
 
 
-def _why_unhandled(m: nn.Module, mname: str, leaf: str) -> str:
+def _why_unhandled(m: nn.Module, mname: str, leaf: str, ndim: int) -> str:
     where = f"{mname + '.' if mname else ''}{leaf} of {type(m).__name__}"
     if isinstance(m, parametrize.ParametrizationList):
         return f"{where}: original of a parametrized weight, not projected"
@@ -117,6 +117,8 @@ def _why_unhandled(m: nn.Module, mname: str, leaf: str) -> str:
         reason = parametrized_reason(m, attr)
         if reason is not None:
             return f"{where}: {reason}"
+    if ndim >= 2:
+        return f"{where}: not one of the weights its adapter projects"
     return f"{where}: not a weight matrix (bias, norm or scale)"
 
 
