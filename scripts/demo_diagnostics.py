@@ -63,22 +63,33 @@ def main() -> None:
     ap.add_argument("--methods", default="sgd,sam,dsbp")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--collect-only", action="store_true",
+                    help="skip training and diagnose; rebuild the JSON from --work's run folders")
     args = ap.parse_args()
+    commit, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--", "src/dsbp")
     dsbp = str(Path(sys.executable).parent / "dsbp")
     bench = [dsbp, "bench", "--preset", "demo", "--methods", args.methods, "--out",
              str(args.work), "--threads", str(args.threads), "--no-progress", "--resume"]
     t0 = time.time()
-    _run(bench)
+    if not args.collect_only:
+        _run(bench)
     run_dirs = sorted(p for p in (args.work / "runs").iterdir() if p.is_dir())
     diagnose = [dsbp, "diagnose", *map(str, run_dirs), "--batches", "2", "--pac-bayes",
                 "--no-png"]
-    _run(diagnose)
+    if not args.collect_only:
+        _run(diagnose)
     runs = {}
     for rd in run_dirs:
         cfg = json.loads((rd / "config.json").read_text())
         diag = json.loads((rd / "diagnostics" / "diagnostics.json").read_text())
         pb = diag.get("pac_bayes") or {}
+        env = json.loads((rd / "env.json").read_text()) if (rd / "env.json").exists() else {}
+        diag_file = rd / "diagnostics" / "diagnostics.json"
         runs[rd.name] = {
+            "training": {k: env.get(k) for k in ("commit", "dirty", "time_utc", "device_name",
+                                                 "torch")},
+            "diagnose_finished_utc": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(diag_file.stat().st_mtime)),
             "method": cfg.get("method"),
             "seed": cfg.get("seed"),
             "final_test_acc": _final_test_acc(rd),
@@ -93,12 +104,18 @@ def main() -> None:
         "command": "python scripts/demo_diagnostics.py " + " ".join(sys.argv[1:]),
         "steps": [" ".join(["dsbp", *rel[1:]]),
                   " ".join(["dsbp", "diagnose", "RUN_DIRS", *diagnose[2 + len(run_dirs):]])],
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty_paths": _git("status", "--porcelain", "--", "src/dsbp").splitlines(),
-        "device": f"cpu: {_cpu()} ({args.threads} thread)",
+        # the code the diagnose step ran: HEAD (and uncommitted paths) when this script started;
+        # each run's training commit is in runs[...]["training"] (its env.json)
+        "diagnose_commit": None if args.collect_only else commit,
+        "diagnose_dirty_paths": None if args.collect_only else dirty.splitlines(),
+        "note": ("collected from existing run folders (--collect-only): the diagnose step's "
+                 "commit was not recorded; it ran after training, before "
+                 "diagnose_finished_utc") if args.collect_only else None,
+        "device": f"cpu: {_cpu()}",
+        "threads": {"bench": args.threads, "diagnose": "torch default"},
         "seeds": sorted({r["seed"] for r in runs.values()}),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "seconds": round(time.time() - t0),
+        "seconds": None if args.collect_only else round(time.time() - t0),
         "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
