@@ -30,7 +30,6 @@ scale-free **[ours]**; the flow's contraction along the eigengap is then about
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable, Mapping
 from typing import Any
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from dsbp.optim.projector import OVERRIDABLE, SpectralProjector
 
+
 def projector_options(cls: type[SpectralProjector]) -> frozenset[str]:
     """Keyword arguments that go to the projector: those of ``cls`` (a subclass adds its own,
     e.g. ``track_every``) and of :class:`SpectralProjector`."""
