@@ -58,4 +58,4 @@ def test_every_package_imports_only_to_its_left():
 def test_public_api_is_small():
     import dsbp
 
-    assert set(dsbp.__all__) == {"DSBP", "SpectralProjector", "__version__"}
+    assert set(dsbp.__all__) == {"DSBP", "DistributedDSBP", "SpectralProjector", "__version__"}

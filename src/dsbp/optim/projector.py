@@ -264,6 +264,7 @@ class SpectralProjector:
                 name=f.name, param=f.param, uses=f.uses, index=i, side=side, rank=self.rank,
                 interval=self.interval, sharpness=self.sharpness)
         self._by_param = {id(s.param): s for s in self._states.values()}
+        self._sharded = any(is_dtensor(s.param) for s in self._states.values())
         for name, ov in (overrides or {}).items():
             self.configure(name, **ov)
         self._warn_large_skips(found)
@@ -644,7 +645,10 @@ class SpectralProjector:
     def _resolved_path(self, device: torch.device) -> str:
         if self.path != "auto":
             return self.path
-        return "graph" if device.type == "cuda" else "loop"
+        if device.type != "cuda":
+            return "loop"
+        # row-sharded weights reduce inside the projection: keep collectives out of a graph
+        return "stacked" if self._sharded else "graph"
 
     def _use_stacks(self, st: ParamState) -> bool:
         return self._resolved_path(st.param.device) != "loop" and self.estimator.batchable
