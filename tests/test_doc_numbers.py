@@ -121,3 +121,11 @@ def test_percent_and_ms_from_context_and_table_headers(src: Path) -> None:
     assert [(p.line, p.number) for p in cdn.check_text(text, root=src)] == [(5, "41.7")]
     # Without the percent sign nearby, 5.41 is not 0.0541.
     assert _nums(cdn.check_text("<!-- source: r/a.json -->\n5.41 points\n", root=src)) == ["5.41"]
+
+
+def test_catches_a_stale_ratio_against_the_real_json() -> None:
+    # BENCHMARKS.md once said "~7.6x on ResNet-18" for the optimizer step, while the committed
+    # JSON's dsbp_step_ratio was 2.45: the check fails the stale figure and passes the JSON's.
+    marker = "<!-- source: benchmarks/results/step_overhead_resnet18_cpu_fp32.json -->\n"
+    assert _nums(cdn.check_text(marker + "the step is ~7.6x SGD's\n")) == ["7.6x"]
+    assert cdn.check_text(marker + "the step is 2.45x SGD's\n") == []
