@@ -341,14 +341,16 @@ def render(res: dict) -> str:
                   f"SGD's final mean {100 * a['sgd_final_mean']:.2f}%; targets "
                   f"{tg['0.97']:.2f}% and {tg['0.99']:.2f}%; SGD step "
                   f"{1e3 * tr['timing']['sgd_step_s']:.1f} ms in the timing run)", "",
-                  "| method | lr (chosen on validation) | step / SGD (interleaved) | "
+                  "| method | lr (chosen on validation) | step / SGD (interleaved; median, IQR) | "
                   "final test acc, mean (sd) | to 0.97 target: steps / ratio-time s / raw s "
                   "(median) | to 0.99 target: steps / ratio-time s / raw s (median) | "
                   "reached 0.99 | acc at 0.5x SGD's time | acc at 1x SGD's time |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for m, row in a["methods"].items():
             acc = f"{row['final_test_acc_mean_pct']:.2f}% ({row['final_test_acc_std_pct']:.2f}%)"
-            cells = [m, f"`{row['lr']:g}`", f"{row['step_ratio']:.2f}x", acc]
+            q = tr["timing"]["methods"][m]["ratio_to_sgd"]
+            cost = f"{row['step_ratio']:.2f}x ({q['q1']:.2f}-{q['q3']:.2f})"
+            cells = [m, f"`{row['lr']:g}`", cost, acc]
             for name in ("0.97", "0.99"):
                 st = row[f"to_{name}_step_median"]
                 cells.append("not reached by every seed" if st is None else
