@@ -150,3 +150,30 @@ def test_remove_restores_module_and_errors_are_clear():
     with low_rank_backward(low, lambda: _basis(5, 2, 1)), \
             pytest.raises(ValueError, match=r"needs \(6, k\)"):
         low(x)
+
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_matches_spectral_projector_pure_projection(side):
+    """With the projector's own basis (public ``basis``/``refresh_now``), the low-rank backward
+    gives the gradient that ``SpectralProjector.project_()`` makes of the full gradient at
+    sharpness 0 and residual 0 (the reference update). Catches a side convention that differs
+    from the projector's (E applied to the other dimension)."""
+    from dsbp import SpectralProjector
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    low = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    low.load_state_dict(model.state_dict())
+    x, y = torch.randn(32, 6), torch.randint(0, 5, (32,))
+    proj = SpectralProjector(model, rank=3, interval=1000, sharpness=0.0, side=side)
+    model(x)  # a new projector is due: this forward captures rows
+    proj.refresh_now()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    proj.project_()
+    E = proj.basis(model[0]).detach().clone()
+    handle = low_rank_backward(low[0], lambda: E, side=side)
+    torch.nn.functional.cross_entropy(low(x), y).backward()
+    handle.remove()
+    proj.remove()
+    torch.testing.assert_close(low[0].weight.grad, model[0].weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(low[0].bias.grad, model[0].bias.grad)
