@@ -351,9 +351,11 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_xticks(range(len(ARMS)), ARMS, rotation=20, fontsize=8)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"ViT (dim {VIT['dim']}, depth {VIT['depth']}) on Tiny ImageNet subset, "
-                 f"{CFG['steps']} steps, batch {CFG['batch']}, CPU gloo; GaLore failing "
-                 "under FSDP2 has no orange bar", fontsize=9)
+    failed = [f"{r['arm']} ({r['world_size']} proc.)" for r in payload["rows"] if "error" in r]
+    vit, cfg = payload["vit"], payload["settings"]
+    fig.suptitle(f"ViT (dim {vit['dim']}, depth {vit['depth']}) on the Tiny ImageNet subset, "
+                 f"{cfg['steps']} steps, batch {cfg['batch']}, 1 seed, CPU (gloo), shared machine"
+                 + (f"; failed, no bar: {', '.join(failed)}" if failed else ""), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
