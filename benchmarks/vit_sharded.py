@@ -260,11 +260,11 @@ def measure() -> dict:
         for world in (1, 2):
             launch(_train_rank, world, args=(tmp, dict(CFG)), backend="gloo")
             res["train"][str(world)] = [torch.load(Path(tmp) / f"train_w{world}_r{r}.pt",
-                                                   weights_only=False) for r in range(world)]
+                                                   weights_only=True) for r in range(world)]
             for arm in ARMS:
                 launch(_memory_rank, world, args=(tmp, arm, dict(CFG)), backend="gloo")
                 res["memory"][f"{arm}/{world}"] = [
-                    torch.load(Path(tmp) / f"mem_{arm}_w{world}_r{r}.pt", weights_only=False)
+                    torch.load(Path(tmp) / f"mem_{arm}_w{world}_r{r}.pt", weights_only=True)
                     for r in range(world)]
     return res
 

@@ -148,7 +148,7 @@ def _fsdp_rank(rank: int, world: int, out_dir: str) -> None:
 @pytest.mark.distributed
 def test_communicator_under_fsdp2_and_ddp_layouts(tmp_path):
     launch(_fsdp_rank, WORLD, args=(str(tmp_path),), backend="gloo")
-    r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(WORLD)]
+    r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(WORLD)]
     for res in r:
         assert res["sharded"] is True
         assert "DistributedDSBP" in res["single_refused"]
