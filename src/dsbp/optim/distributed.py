@@ -309,8 +309,64 @@ def shard_model(model: nn.Module, units: Iterable[nn.Module] | None = None) -> l
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def _blob(obj: Any) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def _unblob(buf: io.BytesIO) -> Any:
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _is_subspace_adam(optimizer: torch.optim.Optimizer) -> bool:
+    return hasattr(optimizer, "projector") and hasattr(optimizer, "is_subspace") \
+        and not hasattr(optimizer, "base_optimizer")
+
+
+def _subspace_layout(model: nn.Module, optimizer: Any) -> dict[int, tuple[str, Any]]:
+    """id(param) -> (name, its ParamState if its moments live in basis coordinates, else None)."""
+    states = {id(st.param): st for st in optimizer.projector.states()}
+    return {id(p): (n, states[id(p)] if optimizer.is_subspace(p) else None)
+            for n, p in model.named_parameters()}
+
+
+def _moment_for_dcp(m: torch.Tensor, p: torch.Tensor, st: Any) -> torch.Tensor:
+    """An input-side subspace moment (rows, k) of a row-sharded weight as the DTensor it is
+    (Shard(0) like the weight), so that DCP saves every rank's rows and can reshard them."""
+    if st is None or st.side != "input" or not is_dtensor(p):
+        return m  # full-state (already a DTensor under FSDP2) or replicated (k, d_in)
+    from torch.distributed.tensor import DTensor
+
+    k = m.shape[1]
+    return DTensor.from_local(m, p.device_mesh, p.placements,  # type: ignore[attr-defined]
+                              run_check=False, shape=torch.Size((st.shape[0], k)),
+                              stride=(k, 1))
+
+
+def _subspace_state(model: nn.Module, optimizer: Any) -> tuple[dict, dict]:
+    """SubspaceAdam's moments keyed by parameter name, ready for DCP, and a manifest (which
+    parameters have which state entries, and the param groups' settings)."""
+    layout = _subspace_layout(model, optimizer)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[str, list[str]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            name, st = layout[id(p)]
+            keys[name] = sorted(state)
+            tensors[name] = {k: (_moment_for_dcp(v, p, st) if k != "step" else v)
+                             for k, v in state.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, {"keys": keys, "groups": groups}
+
+
 def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """What :func:`save_checkpoint` writes: the model's and the (base) optimizer's state in
+    """What :func:`save_checkpoint` writes: the model's and the optimizer's state in
     torch.distributed.checkpoint's form (keyed by parameter name, DTensors kept sharded), and
     the projector's state (bases replicated on every rank) as one serialised object."""
     from torch.distributed.checkpoint.state_dict import (
@@ -319,21 +375,20 @@ def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dic
     )
 
     proj = getattr(optimizer, "projector", None)
-    base = getattr(optimizer, "base_optimizer", None)
-    if proj is not None and not isinstance(base, torch.optim.Optimizer):
-        raise NotImplementedError(
-            f"{type(optimizer).__name__} keeps its own moments next to a projector; "
-            "save_checkpoint handles DSBP-style wrappers (a projector and a base optimizer) and "
-            "plain torch optimizers. Save SubspaceAdam with torch.save(opt.state_dict()) per "
-            "rank and resume on the same world size")
-    inner = base if base is not None else optimizer
-    state: dict[str, Any] = {"model": get_model_state_dict(model),
-                             "optim": get_optimizer_state_dict(model, inner)}
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if _is_subspace_adam(optimizer):
+        tensors, manifest = _subspace_state(model, optimizer)
+        state["subspace"] = tensors
+        state["subspace_manifest"] = _blob(manifest)
+    else:
+        base = getattr(optimizer, "base_optimizer", None)
+        if proj is not None and not isinstance(base, torch.optim.Optimizer):
+            raise NotImplementedError(
+                f"{type(optimizer).__name__} has a projector but neither a base optimizer "
+                "(DSBP) nor SubspaceAdam's layout; save_checkpoint cannot save it")
+        state["optim"] = get_optimizer_state_dict(model, base if base is not None else optimizer)
     if proj is not None:
-        buf = io.BytesIO()
-        torch.save(proj.state_dict(), buf)
-        buf.seek(0)
-        state["projector"] = buf
+        state["projector"] = _blob(proj.state_dict())
     return state
 
 
@@ -341,20 +396,63 @@ def save_checkpoint(checkpoint_id: str | os.PathLike, model: nn.Module,
                     optimizer: torch.optim.Optimizer) -> None:
     """Save model and optimizer with ``torch.distributed.checkpoint`` (DCP), every rank calling.
 
-    Under FSDP2 each rank writes its own shards of the weights and of the base optimizer's
-    state; DSBP's bases (identical on every rank) are written once. Works for one process too.
+    Under FSDP2 each rank writes its own shards of the weights and of the optimizer's state
+    (a base optimizer's moments, SubspaceAdam's full-state moments and its input-side (rows, k)
+    moments); DSBP's bases and SubspaceAdam's output-side (k, d_in) moments, identical on every
+    rank, are written once. Works for one process too.
 
     Args:
         checkpoint_id: a directory.
         model: the (``fully_shard``-wrapped, DDP-unwrapped, or plain) model.
-        optimizer: :class:`~dsbp.DSBP` / :class:`DistributedDSBP` or a torch optimizer.
+        optimizer: :class:`~dsbp.DSBP` / :class:`DistributedDSBP`, SubspaceAdam, or a torch
+            optimizer.
 
     Raises:
-        NotImplementedError: an optimizer with a projector but no base optimizer (SubspaceAdam).
+        NotImplementedError: an optimizer with a projector that is neither.
     """
     import torch.distributed.checkpoint as dcp
 
     dcp.save(_checkpoint_state(model, optimizer), checkpoint_id=checkpoint_id)
+
+
+def _load_subspace(checkpoint_id: str | os.PathLike, model: nn.Module, optimizer: Any) -> None:
+    """SubspaceAdam: the projector and the manifest first (they fix every moment's shape),
+    then the moments into zero templates of those shapes on this rank's shards."""
+    import torch.distributed.checkpoint as dcp
+
+    head = {"projector": io.BytesIO(), "subspace_manifest": io.BytesIO()}
+    dcp.load(head, checkpoint_id=checkpoint_id)
+    optimizer.projector.load_state_dict(_unblob(head["projector"]))
+    manifest = _unblob(head["subspace_manifest"])
+    layout = _subspace_layout(model, optimizer)
+    params = dict(model.named_parameters())
+    templates: dict[str, dict[str, torch.Tensor]] = {}
+    for name, keys in manifest["keys"].items():
+        p = params[name]
+        st = layout[id(p)][1]
+        entry = {}
+        for k in keys:
+            if k == "step":
+                entry[k] = torch.zeros((), dtype=torch.float32)
+            elif st is None:
+                entry[k] = torch.zeros_like(p)
+            else:
+                kk, local = st.basis.shape[1], optimizer.comm.local(p)
+                rows = local.shape[0] if st.side == "input" else kk
+                cols = kk if st.side == "input" else st.shape[1]
+                m = torch.zeros(rows, cols, dtype=st.basis.dtype, device=local.device)
+                entry[k] = _moment_for_dcp(m, p, st)
+        templates[name] = entry
+    body = {"subspace": templates}
+    dcp.load(body, checkpoint_id=checkpoint_id)
+    optimizer.state.clear()
+    for name, entry in body["subspace"].items():
+        p, st = params[name], layout[id(params[name])][1]
+        optimizer.state[p] = {
+            k: (v.to_local() if st is not None and is_dtensor(v) else v)  # type: ignore[attr-defined]
+            for k, v in entry.items()}
+    for group, saved in zip(optimizer.param_groups, manifest["groups"], strict=True):
+        group.update(saved)
 
 
 def load_checkpoint(checkpoint_id: str | os.PathLike, model: nn.Module,
@@ -378,15 +476,19 @@ def load_checkpoint(checkpoint_id: str | os.PathLike, model: nn.Module,
     )
 
     state = _checkpoint_state(model, optimizer)
+    if _is_subspace_adam(optimizer):
+        model_only = {"model": state["model"]}
+        dcp.load(model_only, checkpoint_id=checkpoint_id)
+        set_model_state_dict(model, model_only["model"])
+        _load_subspace(checkpoint_id, model, optimizer)
+        return
     dcp.load(state, checkpoint_id=checkpoint_id)
     set_model_state_dict(model, state["model"])
     inner = getattr(optimizer, "base_optimizer", None) or optimizer
     set_optimizer_state_dict(model, inner, state["optim"])
     proj = getattr(optimizer, "projector", None)
     if proj is not None:
-        buf = state["projector"]
-        buf.seek(0)
-        saved = torch.load(buf, weights_only=True)
+        saved = _unblob(state["projector"])
         if not isinstance(saved, dict) or "layers" not in saved:
             raise ValueError(f"checkpoint {checkpoint_id} has no DSBP projector state")
         proj.load_state_dict(saved)
