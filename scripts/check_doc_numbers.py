@@ -193,6 +193,7 @@ def check_text(text: str, doc: str = "<text>", root: Path = ROOT) -> list[Proble
     allowed: set[str] = set()
     allowed_vals: tuple[float, ...] = ()
     in_fence = False
+    open_code = False  # an inline code span continues from the previous line
     header: list[str] = []
     prev_row = ""
     for i, raw in enumerate(text.split("\n")):
@@ -201,6 +202,19 @@ def check_text(text: str, doc: str = "<text>", root: Path = ROOT) -> list[Proble
             continue
         if in_fence:
             continue
+        if not raw.strip():
+            open_code = False  # a code span never crosses a paragraph break
+        if open_code:
+            close = raw.find("`")
+            if close < 0:
+                continue
+            raw = " " * (close + 1) + raw[close + 1:]
+            open_code = False
+        rest = _INLINE_CODE.sub(lambda m: " " * len(m.group(0)), raw)
+        if "`" in rest:  # an unmatched backtick opens a span that ends on a later line
+            cut = rest.index("`")
+            raw = raw[:cut] + " " * (len(raw) - cut)
+            open_code = True
         if _HEADING.match(raw):
             scope = _Scope()
             allowed, allowed_vals = set(), ()

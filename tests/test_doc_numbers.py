@@ -134,3 +134,8 @@ def test_catches_a_stale_ratio_against_the_real_json() -> None:
     assert cdn.check_text(marker + f"the step is {ratio:.2f}x SGD's\n") == []
     stale = f"{3.1 * ratio:.3f}x"
     assert _nums(cdn.check_text(marker + f"the step is ~{stale} SGD's\n")) == [stale]
+
+
+def test_inline_code_across_lines_is_not_checked(src: Path) -> None:
+    text = "Call `f(rho=0.9,\ntau=0.3)` with 0.25 here.\n\nThen 0.5 `x\n\n1.5` is prose.\n"
+    assert _nums(cdn.check_text(text, root=src)) == ["0.25", "0.5", "1.5"]
