@@ -169,6 +169,7 @@ def dsbp_update_(
     max_rescale: float = 10.0,
     row_sum: RowSum | None = None,
     host_check: bool = False,
+    in_span: bool = False,
 ) -> torch.Tensor:
     """Overwrite ``G`` with the DSBP direction, in place; return which matrices were finite.
 
@@ -196,7 +197,22 @@ def dsbp_update_(
         rescale, max_rescale: rescale the projected part to the gradient's norm, at most so.
         row_sum: sums over row shards (see :func:`dsbp_coordinates`); None: no shards.
         host_check: read the finiteness flag on the host (see above).
+        in_span: ``G`` is already ``E E^T G`` (or ``G E E^T``), as a low-rank backward
+            (:mod:`dsbp.layers.lowrank`) computes it with no residual: the projection is the
+            identity on it, so only the sharpness term is added (one thin product instead of
+            two). Not with ``residual``, ``rescale`` or row shards.
     """
+    if in_span:
+        if residual or rescale or row_sum is not None or G.dim() != 2:
+            raise ValueError("in_span needs the pure projection of one unsharded matrix")
+        if W is not None:
+            e1, Wc = E[:, :1], W.to(E.dtype)
+            s = torch.as_tensor(scale, dtype=E.dtype, device=E.device)
+            if side == "output":  # + s e1 (e1^T W)
+                G.add_(torch.mm(e1 * s, torch.mm(e1.T, Wc)).to(G.dtype))
+            else:  # + s (W e1) e1^T
+                G.add_(torch.mm(torch.mm(Wc, e1) * s, e1.T).to(G.dtype))
+        return torch.isfinite(G.sum())
     M = dsbp_coordinates(G, E, side, W=W, scale=scale, residual=residual, rescale=rescale,
                          max_rescale=max_rescale, row_sum=row_sum)
     ok = torch.isfinite(M.sum((-2, -1)))  # a NaN or inf anywhere makes the sum non-finite

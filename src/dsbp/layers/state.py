@@ -40,6 +40,7 @@ class ParamState:
         captures: forward calls captured for the pending refresh (seeds row subsampling).
         k_active: rank chosen by the energy rule at the last refresh (None: use ``rank``).
         nonfinite: steps whose gradient was non-finite (left unprojected), a device counter.
+        in_span_step: the last step whose gradient a low-rank backward already projected.
     """
 
     name: str
@@ -59,6 +60,7 @@ class ParamState:
     captures: int = 0
     k_active: int | None = None
     nonfinite: torch.Tensor | None = None
+    in_span_step: int = -1
 
     @property
     def grad(self) -> torch.Tensor:

@@ -30,6 +30,7 @@ processes).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ from dsbp.layers.hooks import (
     scan,
     state_name,
 )
+from dsbp.layers.lowrank import LowRankBackward, low_rank_backward
 from dsbp.layers.state import ParamState
 from dsbp.optim.comm import Communicator, is_dtensor
 from dsbp.optim.graphed import ProjectionGraph, basis_tags, same_tags
@@ -170,6 +172,13 @@ class SpectralProjector:
             (one weight at a time: the CPU default and the reference), ``"stacked"`` (same-shaped
             weights in batched products, and batched warm refreshes), ``"graph"`` (stacked, and
             replayed as one CUDA graph: the CUDA default), or ``"auto"``.
+        backward: ``"full"`` (autograd's weight gradient, then the projection) or
+            ``"lowrank"``: Linear weights get their gradient already projected by the backward
+            pass, from the layer's output gradient and input through thin products
+            (:mod:`dsbp.layers.lowrank`; the d_out x d_in gradient product is never done), on
+            every step except refresh steps (which take the full gradient, so the result equals
+            ``"full"`` step for step). Needs the pure projection (``residual=0``, no rescale)
+            and the default estimator and policy; other weights use the full backward. [ours]
         estimator, policy, comm: the covariance estimator, refresh policy and communicator
             (module docstring); defaults: batch covariance, fixed interval, one process.
 
@@ -206,6 +215,7 @@ class SpectralProjector:
         exclude: Iterable[str] | None = None,
         skip_first_last: bool = False,
         path: str = "auto",
+        backward: str = "full",
         estimator: CovarianceEstimator | None = None,
         policy: RefreshPolicy | None = None,
         comm: Communicator | None = None,
@@ -214,6 +224,13 @@ class SpectralProjector:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if backward not in ("full", "lowrank"):
+            raise ValueError(f"backward must be 'full' or 'lowrank', got {backward!r}")
+        if backward == "lowrank" and (residual or rescale or estimator is not None
+                                      or policy is not None):
+            raise ValueError("backward='lowrank' computes the pure projection in the backward "
+                             "pass: it needs residual=0, rescale=False and the default "
+                             "estimator and policy")
         self.rank = _positive_int("rank", rank)
         self.interval = _positive_int("interval", interval)
         self.power_iters = _positive_int("power_iters", power_iters)
@@ -274,6 +291,9 @@ class SpectralProjector:
                 self._uses_by_module.setdefault(id(use.module), []).append((st, use))
         modules = {id(u.module): u.module for st in self._states.values() for u in st.uses}
         self._handles = register_weak_hooks(self, "_capture", list(modules.items()))
+        self._lowrank = [self._attach_lowrank(st) for st in self._states.values()
+                         if backward == "lowrank" and len(st.uses) == 1
+                         and type(st.module) is nn.Linear and not is_dtensor(st.param)]
 
     # ------------------------------------------------------------------ which weights
     def _choose(self, found: list[FoundWeight], layers: Iterable[str] | None,
@@ -432,6 +452,9 @@ class SpectralProjector:
         """Remove every forward hook and free captured rows (the projector stops capturing)."""
         remove_handles(self._handles)
         self._handles = []
+        for h in self._lowrank:
+            h.remove()
+        self._lowrank = []
         for st in self._states.values():
             st.rows, st.captures = [], 0
 
@@ -442,6 +465,20 @@ class SpectralProjector:
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError("a SpectralProjector cannot be pickled (it holds hooks on its model); "
                         "save state_dict() instead")
+
+    def _attach_lowrank(self, st: ParamState) -> LowRankBackward:
+        """Give ``st``'s Linear a backward that returns the projected weight gradient, with the
+        basis read at each forward (held weakly, like the hooks)."""
+        ref = weakref.ref(self)
+
+        def basis() -> torch.Tensor | None:
+            proj = ref()
+            if proj is None or st.block is None or st.due(proj.step) or proj.step < proj.warmup:
+                return None  # no basis, a refresh step (full gradient), or warm-up
+            st.in_span_step = proj.step
+            return st.basis
+
+        return low_rank_backward(st.module, basis, side=st.side)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ 1. capture
     def _generator(self, st: ParamState, salt: int) -> torch.Generator:
@@ -774,6 +811,15 @@ class SpectralProjector:
         self.end_step()
 
     def _project(self, live: list[ParamState], read_now: bool) -> None:
+        in_span = [st for st in live if st.in_span_step == self.step]
+        if in_span:  # a low-rank backward already projected these: only the sharpness term
+            oks = [dsbp_update_(st.matrix(st.grad), st.basis, st.side, in_span=True,
+                                W=st.matrix(st.param.detach()) if st.sharpness else None,
+                                scale=st.sharpness_scale()) for st in in_span]
+            self._report_nonfinite(in_span, oks, read_now)
+            live = [st for st in live if st.in_span_step != self.step]
+            if not live:
+                return
         path = self._resolved_path(live[0].param.device)
         if path == "loop":
             sts, oks = live, self._project_loop(live)
