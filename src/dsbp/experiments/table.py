@@ -62,7 +62,7 @@ CORE_COLUMNS = ("dataset", "model", "method", "seed", "epochs", "test_acc", "tes
                 "wall_s", "device")
 TABLE_COLUMNS = (*CORE_COLUMNS, "row", "column", "protocol", "task", "n_way", "k_shot",
                  "ci95", "n_episodes", "rank", "interval", "tau", "params", "params_original",
-                 "acc_before_finetune", "status", "run")
+                 "acc_before_finetune", "acc_original", "acc_control", "status", "run")
 # Table columns in the paper's order, with the (protocol, method) that fills each.
 COLUMNS = (("SGD", "supervised", "sgd"), ("SAM", "supervised", "sam"),
            ("LoRA", "transfer", "ft_lora"), ("MAML", "fewshot", "maml"),
@@ -681,7 +681,8 @@ def _prune_rows(out: Path, row_of: Mapping[tuple[str, str], str]) -> list[dict[s
                 "column": f"pruning ({cfg['method']})", "protocol": "pruning",
                 "task": cfg["dataset"], "tau": t["tau"], "params": t["params"],
                 "params_original": p["original"]["params"],
-                "acc_before_finetune": t["acc_before"], "status": "ok",
+                "acc_before_finetune": t["acc_before"], "acc_original": p["original"]["acc"],
+                "acc_control": p["original"]["acc_finetuned"], "status": "ok",
                 "run": path.parent.name})
     return rows
 
@@ -860,16 +861,19 @@ def ablation_lines(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str]) -
                   "layer becomes two thinner ones keeping the top eigenvectors that hold a "
                   "fraction tau of the output energy; SGD fine-tuning at a tenth of the run's "
                   "lr). Accuracy (%) after fine-tuning (before it in brackets) and the "
-                  "parameters kept.", ""]
+                  "parameters kept; 'as trained' is the unfactorised model (after the same "
+                  "fine-tuning epoch in brackets: the control).", ""]
         taus = sorted({float(r["tau"]) for r in pr})
-        head = ["data set", "trained with"] + [f"tau={t:g}" for t in taus]
+        head = ["data set", "trained with", "as trained (control)"] + [f"tau={t:g}"
+                                                                       for t in taus]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for d in datasets:
             for m in ("sgd", "dsbp", "dsbp_tuned"):
                 g = [r for r in pr if r["row"] == d and r["method"].startswith(m + "+")]
                 if not g:
                     continue
-                cells = [_sub_row_name(d), m]
+                cells = [_sub_row_name(d), m, f"{100 * float(g[0]['acc_original']):.2f} "
+                         f"({100 * float(g[0]['acc_control']):.2f})"]
                 for t in taus:
                     h = [r for r in g if float(r["tau"]) == t]
                     cells.append("n/a" if not h else
