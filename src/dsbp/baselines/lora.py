@@ -12,6 +12,12 @@ To compare with DSBP's spectral adapter at equal cost, adapt the same layers at 
 
 ``peft`` is an optional extra (``pip install "dsbp[lora]"``); it is imported only when
 :func:`apply_lora` is called, so importing this module never needs it.
+
+LoRA is a fine-tuning method: it adapts a *pretrained* network. The harness method ``lora``
+applies it to a freshly initialised network (only the adapters and the classifier train),
+which no LoRA user would run; the comparison table (``dsbp table``) uses ``ft_lora``
+(``dsbp.experiments.methods_finetune``) instead, which first loads a checkpoint the harness
+pretrained on a stated source task, beside full and DSBP fine-tuning from that checkpoint.
 """
 
 from __future__ import annotations
