@@ -114,9 +114,10 @@ def test_pick_sample_gives_an_unbiased_covariance():
     assert torch.allclose(est, want, rtol=0.03, atol=0.03 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("n,m", [(150, 30), (157, 30), (1000, 64), (1003, 64)])
+@pytest.mark.parametrize("n,m", [(150, 30), (157, 30), (680, 40), (703, 40), (2000, 64)])
 def test_pick_is_a_uniform_subset_distinct_with_inclusion_m_over_n(n, m):
-    """n/m integer and not (n > 4m: the path that avoids a permutation of all n). A sampler
+    """n/m integer and not, on both paths (n <= 16m: a permutation; n > 16m: without one,
+    the cases 680/40, 703/40 and 2000/64). A sampler
     with replacement, or one of equal strata with rounded edges, repeats rows; one that favours
     some rows misses m/n."""
     from dsbp.layers.adapters import _pick

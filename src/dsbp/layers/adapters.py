@@ -55,15 +55,16 @@ def _pick(n: int, m: int, generator: torch.Generator) -> torch.Tensor:
     """``m`` distinct sorted indices out of ``n`` (all of them when m >= n), CPU int64.
 
     A uniformly random m-subset: every index is drawn with probability exactly m/n, so the
-    covariance of the sampled rows stays unbiased. For n <= 4m from a permutation of all n.
-    Beyond that without one (a ``randperm`` of ResNet-18's 524288 first-stage rows took 7 ms
-    per layer and refresh): about 1.25 m draws with replacement, the distinct values kept, more
-    drawn if fewer than m, then a uniformly random m of them. The procedure treats every index
-    alike, so the m-subset it returns is uniform. O(m log m).
+    covariance of the sampled rows stays unbiased. For n <= 16m from a permutation of all n.
+    Beyond that without one (a ``randperm`` of ResNet-18's 524288 first-stage rows takes
+    milliseconds per layer and refresh; ``benchmarks/row_sampler.py``): about 1.25 m draws with
+    replacement, the distinct values kept, more drawn if fewer than m, then a uniformly random m
+    of them. The procedure treats every index alike, so the m-subset it returns is uniform.
+    O(m log m), which beats the permutation from about n = 16m on.
     """
     if m >= n:
         return torch.arange(n)
-    if n <= 4 * m:
+    if n <= 16 * m:
         return torch.randperm(n, generator=generator)[:m].sort().values
     distinct = torch.empty(0, dtype=torch.int64)
     while distinct.numel() < m:
