@@ -129,7 +129,8 @@ def apply_lora(
     lora_param_count(model, int(rank), targets)  # validates every name
     config = LoraConfig(
         r=int(rank),
-        lora_alpha=float(rank if alpha is None else alpha),
+        # peft annotates lora_alpha as int but scales by lora_alpha / r, so a float works
+        lora_alpha=float(rank if alpha is None else alpha),  # type: ignore[arg-type]
         lora_dropout=dropout,
         target_modules=targets,
         modules_to_save=save or None,
