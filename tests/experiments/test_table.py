@@ -247,3 +247,22 @@ def test_run_timings_is_wall_time_per_trained_image(tmp_path):
     assert t["per_image"]["sam"] == pytest.approx(50 / 50000)
     with pytest.raises(ValueError, match="no finished runs"):
         table.gpu_estimate_from_runs(_tiny_spec(), tmp_path)
+
+
+@pytest.mark.slow  # a whole (tiny) table: ~10-30 s on a shared CPU
+def test_report_names_ablation_settings_missing_from_an_older_table_json(tiny_table, tmp_path):
+    out, _ = tiny_table
+    copy_dir = tmp_path / "old"
+    shutil.copytree(out, copy_dir, ignore=shutil.ignore_patterns("checkpoint.pt"))
+    info = json.loads((copy_dir / "table.json").read_text())
+    for key in ("ablate_rank", "ablate_interval", "ablate_seeds", "prune_taus"):
+        del info["spec"][key]  # as written before the ablation protocol existed
+    (copy_dir / "table.json").write_text(json.dumps(info))
+    report = table.finish_table(copy_dir)["report"].read_text()
+    assert "k in [1, 2] at the paper's p and p in [1, 3]" in report  # read from the runs
+    assert "tau in [0.9]" in report
+    # resuming with this version adds the settings it knows, keeping the recorded ones
+    table.run_table(_tiny_spec(), copy_dir, resume=True, protocols=(), progress=False,
+                    log=lambda _: None)
+    spec = json.loads((copy_dir / "table.json").read_text())["spec"]
+    assert spec["ablate_rank"] == [1, 2] and spec["base"] == info["spec"]["base"]

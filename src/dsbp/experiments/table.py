@@ -561,6 +561,10 @@ def run_table(
             "sources": sources}
     if not (resume and (out / "table.json").exists()):
         atomic.write_json(out / "table.json", info)
+    else:  # keep the first record; add settings this version knows and it lacks
+        first = json.loads((out / "table.json").read_text())
+        first["spec"] = {**spec.to_dict(), **first.get("spec", {})}
+        atomic.write_json(out / "table.json", first)
     t0 = time.perf_counter()
     for proto in ("supervised", "transfer", "ablation"):
         if proto not in protocols:
@@ -806,7 +810,7 @@ def report_lines(out: Path, rows: Sequence[Mapping[str, Any]]) -> list[str]:
                     str(g[0]["n_episodes"]), _cell([float(r["test_acc"]) for r in g]),
                     f"{100 * statistics.fmean(float(r['ci95']) for r in g):.2f}"]) + " |")
     lines += ablation_lines(rows, datasets)
-    lines += ["", "## Protocol", ""] + protocol_lines(info)
+    lines += ["", "## Protocol", ""] + protocol_lines(info, rows)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "## Runs that did not finish", ""]
@@ -818,6 +822,8 @@ def report_lines(out: Path, rows: Sequence[Mapping[str, Any]]) -> list[str]:
               "`env.json`, `metrics.jsonl`, `result.json`; checkpoints are not kept).",
               "- `maml/`: a `dsbp fewshot` folder (one JSON per cell with per-episode "
               "accuracies and class splits).",
+              "- `ablation/` (when run): a `dsbp bench` folder of the k and p ablations; the "
+              "pruning ablation writes `prune.json` into seed 0's `supervised/` runs.",
               "- `table.png`: the table as bars beside the paper's DSBP claim."]
     base_note = (f"model `{base.get('model')}` {json.dumps(base.get('model_kwargs', {}))}, "
                  f"batch {base.get('batch_size')}, lr {base.get('lr')}")
@@ -885,9 +891,23 @@ def ablation_lines(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str]) -
     return lines
 
 
-def protocol_lines(info: Mapping[str, Any]) -> list[str]:
-    """The protocol section: what each column is, every choice of ours marked [ours]."""
-    spec = info.get("spec", {})
+def protocol_lines(info: Mapping[str, Any],
+                   rows: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """The protocol section: what each column is, every choice of ours marked [ours].
+
+    Ablation settings missing from ``table.json`` (a table started before they existed) are
+    read from the ablation and pruning rows that ran."""
+    spec = dict(info.get("spec", {}))
+    ab = [r for r in rows if r["protocol"] == "ablation"]
+    if ab and "ablate_rank" not in spec:
+        k0, p0 = spec.get("paper_dsbp", {}).get("rank"), spec.get("paper_dsbp", {}).get(
+            "interval")
+        spec["ablate_rank"] = sorted({int(r["rank"]) for r in ab} | {k0} - {None})
+        spec["ablate_interval"] = sorted({int(r["interval"]) for r in ab} | {p0} - {None})
+        spec["ablate_seeds"] = len({int(r["seed"]) for r in ab})
+    pr = [r for r in rows if r["protocol"] == "pruning"]
+    if pr and "prune_taus" not in spec:
+        spec["prune_taus"] = sorted({float(r["tau"]) for r in pr})
     base = spec.get("base", {})
     fs = spec.get("fewshot", {})
     rows = spec.get("rows", [])
@@ -940,7 +960,8 @@ def protocol_lines(info: Mapping[str, Any]) -> list[str]:
                               + ("same two classes in meta-training and test (train-split vs "
                                  "test-split images)" if r.get("fewshot_same_classes") else
                                  "held-out classes (`dsbp.experiments.fewshot`: 50/50 class "
-                                 "split for 10 classes, 70/30 above)") for r in rows)
+                                 "split for 10 classes; 70/30 above, with 64 px images "
+                                 "pooled to 32 px)") for r in rows)
         + ". **Metric:** mean query accuracy over the test episodes. **How this differs from "
         "the paper:** the paper gives MAML a single number (94.8, CIFAR-10 only) and does not "
         "say how MAML, a few-shot method, produced a 10-way test accuracy; our number is "
