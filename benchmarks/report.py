@@ -85,7 +85,7 @@ def gpu_overhead() -> list[str]:
 
 
 def projection() -> list[str]:
-    out = ["| device | model | fast path (ms) | reference loop (ms) | loop / fast |",
+    out = ["| device | model | batched path (ms) | per-weight loop (ms) | loop / batched |",
            "|---|---|---|---|---|"]
     envs = []
     for name in ("projection_only_cpu.json", "projection_only_cuda.json"):
@@ -172,13 +172,36 @@ def sampler() -> list[str]:
         sub = c.get("subset", c.get("stratified"))
         out.append(f"| {int(n):,} | {1e3 * c['permutation']['median']:.2f} | "
                    f"{1e3 * sub['median']:.3f} | {c['speedup']:.0f}x |")
-    return out + ["", f"- {_env(r['env'])}; `{r['command']}` (n <= 4m keeps the permutation)"]
+    note = "(`_pick` keeps the permutation up to n = 16m)"
+    return out + ["", f"- {_env(r['env'])}; `{r['command']}` {note}"]
+
+
+def recommended() -> list[str]:
+    """The recommended configuration's whole-step cost against SGD (blocks of p steps)."""
+    r = _load("recommended_cost_cpu.json")
+    if r is None:
+        return ["(not run)"]
+    names = {"mlp": "MLP 784-512-512-512-10", "mlp_w256": "MLP 784-256-256-10",
+             "mlp_w1024": "MLP 784-1024-1024-10", "smallcnn": "SmallCNN",
+             "resnet18": "ResNet-18 (width 0.25)"}
+    out = ["| model | batch | SGD step (ms) | recommended / SGD (median, IQR) | refresh amortised "
+           "(p = 20) | recommended without refreshes | paper settings | paper settings, "
+           "low-rank backward |", "|---|---|---|---|---|---|---|---|"]
+    for key, m in r["models"].items():
+        rr = m["recommended_ratio"]
+        out.append(f"| {names.get(key, key)} | {m['batch']} | "
+                   f"{1e3 * m['step_s']['sgd']['median']:.2f} | {rr['median']:.3f}x "
+                   f"({rr['q1']:.3f}-{rr['q3']:.3f}) | "
+                   f"{100 * m['refresh_amortised_fraction']['median']:.2f}% | "
+                   f"{m['no_refresh_ratio']['median']:.3f}x | {m['paper_ratio']['median']:.3f}x | "
+                   f"{m['paper_lowrank_ratio']['median']:.3f}x |")
+    return out + ["", f"- {_env(r['env'])}; `{r['command']}`"]
 
 
 def main() -> None:
-    parts = {"overhead": overhead, "gpu_overhead": gpu_overhead, "projection": projection,
-             "sampler": sampler, "memory": memory, "gpu_memory": gpu_memory, "curves": curves,
-             "scaling": scaling}
+    parts = {"recommended": recommended, "overhead": overhead, "gpu_overhead": gpu_overhead,
+             "projection": projection, "sampler": sampler, "memory": memory,
+             "gpu_memory": gpu_memory, "curves": curves, "scaling": scaling}
     names = sys.argv[1:] or list(parts)
     for n in names:
         print(f"<!-- {n} -->")
