@@ -29,8 +29,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff
 	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) -m mypy src/dsbp
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_overhead.py
