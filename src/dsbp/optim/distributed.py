@@ -540,4 +540,14 @@ def launch(fn: Callable[..., Any], nproc: int, args: tuple = (), backend: str | 
                          f"{torch.cuda.device_count()}")
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(fn, nproc, backend, free_port(), args), nprocs=nproc, join=True)
+    for attempt in range(3):
+        try:
+            mp.spawn(_worker, args=(fn, nproc, backend, free_port(), args), nprocs=nproc,
+                     join=True)
+            return
+        except mp.ProcessRaisedException as err:
+            # free_port() releases the port before the workers bind it: another process may
+            # take it in between. Only that failure is retried, on a new port.
+            text = str(err)
+            if attempt == 2 or not ("EADDRINUSE" in text or "Address already in use" in text):
+                raise
