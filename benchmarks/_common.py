@@ -33,6 +33,15 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def git(*args: str) -> str:
+    """Output of ``git -C <repo> ARGS`` ("unknown" where git or the repository is missing)."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def env_info(device: torch.device) -> dict:
     """Device name, torch version, git commit (+dirty flag), threads: recorded with every result."""
     try:

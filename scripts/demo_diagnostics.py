@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -20,24 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "diagnostics" / "demo_diagnostics.json"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import cpu_name, git  # noqa: E402  (the benchmarks' environment record)
 
 
 def _run(cmd: list[str]) -> None:
@@ -66,7 +49,7 @@ def main() -> None:
     ap.add_argument("--collect-only", action="store_true",
                     help="skip training and diagnose; rebuild the JSON from --work's run folders")
     args = ap.parse_args()
-    commit, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--", "src/dsbp")
+    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", "src/dsbp")
     dsbp = str(Path(sys.executable).parent / "dsbp")
     bench = [dsbp, "bench", "--preset", "demo", "--methods", args.methods, "--out",
              str(args.work), "--threads", str(args.threads), "--no-progress", "--resume"]
@@ -111,7 +94,7 @@ def main() -> None:
         "note": ("collected from existing run folders (--collect-only): the diagnose step's "
                  "commit was not recorded; it ran after training, before "
                  "diagnose_finished_utc") if args.collect_only else None,
-        "device": f"cpu: {_cpu()}",
+        "device": f"cpu: {cpu_name()}",
         "threads": {"bench": args.threads, "diagnose": "torch default"},
         "seeds": sorted({r["seed"] for r in runs.values()}),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,24 +21,8 @@ from dsbp.diagnostics.sde import VARIANTS, weak_error_check
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "sde_check" / "sde_check.json"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import cpu_name, git  # noqa: E402  (the benchmarks' environment record)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -57,11 +39,11 @@ def run(args: argparse.Namespace) -> None:
         print(f"momentum {mom}: accepted {res.accepted} ({d['seconds']} s)", file=sys.stderr)
     record = {
         "command": "python scripts/sde_check.py " + " ".join(sys.argv[1:]),
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--", "src/dsbp", "scripts/sde_check.py")),
-        "dirty_paths": _git("status", "--porcelain", "--", "src/dsbp",
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--", "src/dsbp", "scripts/sde_check.py")),
+        "dirty_paths": git("status", "--porcelain", "--", "src/dsbp",
                             "scripts/sde_check.py").splitlines(),
-        "device": f"cpu: {_cpu()} ({args.threads} thread)",
+        "device": f"cpu: {cpu_name()} ({args.threads} thread)",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "seeds": {"projector": args.seed,
