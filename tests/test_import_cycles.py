@@ -64,7 +64,11 @@ def test_the_walk_sees_function_local_and_type_checking_imports():
     graph = _graph()
     assert "dsbp.optim.distributed" in graph["dsbp.optim.subspace_state"]  # function-local
     assert "dsbp.optim.projector" in graph["dsbp.optim.dsbp"]
+    # was a loop: prune, shift and sweep imported each other (through function-local imports)
+    assert {"dsbp.experiments.prune", "dsbp.experiments.shift"} <= graph["dsbp.experiments.sweep"]
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_no_import_cycles_anywhere_in_dsbp():
