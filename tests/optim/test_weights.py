@@ -412,3 +412,20 @@ def test_a_registered_adapter_makes_a_custom_layer_projectable():
         torch.testing.assert_close(layer.w.grad.double(), (G @ E) @ E.T, rtol=1e-6, atol=1e-9)
     finally:
         adapters.unregister_adapter(Gated)
+
+
+def test_unread_nonfinite_counts_add_up_until_they_are_read():
+    """The GPU reporting path (flags summed on the device, read on refresh steps), driven on the
+    CPU: two unread steps with a bad gradient on weight '2' give one warning counting 2."""
+    _, opt = _trained()
+    p = opt.projector
+    sts = p.states()
+    flags = [torch.tensor(True), torch.tensor(False)]  # weight '0' fine, weight '2' not
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p._report_nonfinite(sts, flags, read_now=False)
+        p._report_nonfinite(sts, flags, read_now=False)
+        assert not caught  # nothing read yet
+        p._report_nonfinite(sts, [torch.tensor(True)] * 2, read_now=True)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1 and "'2'" in msgs[0] and "on 2 step(s)" in msgs[0]

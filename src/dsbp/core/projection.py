@@ -206,12 +206,7 @@ def dsbp_update_(
         if residual or rescale or row_sum is not None or G.dim() != 2:
             raise ValueError("in_span needs the pure projection of one unsharded matrix")
         if W is not None:
-            e1, Wc = E[:, :1], W.to(E.dtype)
-            s = torch.as_tensor(scale, dtype=E.dtype, device=E.device)
-            if side == "output":  # + s e1 (e1^T W)
-                G.add_(torch.mm(e1 * s, torch.mm(e1.T, Wc)).to(G.dtype))
-            else:  # + s (W e1) e1^T
-                G.add_(torch.mm(torch.mm(Wc, e1) * s, e1.T).to(G.dtype))
+            G.add_(sharpness_term(W.to(E.dtype), E[:, 0], scale, side).to(G.dtype))
         return torch.isfinite(G.sum())
     M = dsbp_coordinates(G, E, side, W=W, scale=scale, residual=residual, rescale=rescale,
                          max_rescale=max_rescale, row_sum=row_sum)

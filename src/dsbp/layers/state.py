@@ -39,7 +39,6 @@ class ParamState:
         rows: activation rows captured for the pending refresh (transient, never saved).
         captures: forward calls captured for the pending refresh (seeds row subsampling).
         k_active: rank chosen by the energy rule at the last refresh (None: use ``rank``).
-        nonfinite: steps whose gradient was non-finite (left unprojected), a device counter.
         in_span_step: the last step whose gradient a low-rank backward already projected.
     """
 
@@ -59,7 +58,6 @@ class ParamState:
     rows: list[torch.Tensor] = field(default_factory=list)
     captures: int = 0
     k_active: int | None = None
-    nonfinite: torch.Tensor | None = None
     in_span_step: int = -1
 
     @property

@@ -263,6 +263,7 @@ class SpectralProjector:
         self._graph_builds = 0
         self._warned: set[tuple[str, str]] = set()
         self._stack_cache: dict[tuple, tuple] = {}
+        self._nonfinite: tuple[tuple[str, ...], torch.Tensor] | None = None  # unread GPU counts
 
         found = scan(model, side)
         owned = None if params is None else {id(p) for p in params}
@@ -286,10 +287,11 @@ class SpectralProjector:
             self.configure(name, **ov)
         self._warn_large_skips(found)
         self._uses_by_module: dict[int, list[tuple[ParamState, WeightUse]]] = {}
+        modules: dict[int, nn.Module] = {}
         for st in self._states.values():
             for use in st.uses:
                 self._uses_by_module.setdefault(id(use.module), []).append((st, use))
-        modules = {id(u.module): u.module for st in self._states.values() for u in st.uses}
+                modules[id(use.module)] = use.module
         self._handles = register_weak_hooks(self, "_capture", list(modules.items()))
         self._lowrank = [self._attach_lowrank(st) for st in self._states.values()
                          if backward == "lowrank" and len(st.uses) == 1
@@ -773,22 +775,30 @@ class SpectralProjector:
     def _report_nonfinite(self, sts: list[ParamState], oks: list[torch.Tensor],
                           read_now: bool) -> None:
         """Count steps with a non-finite gradient per weight (left unprojected) and warn. On a
-        CPU the flags are read every step; on a GPU on refresh steps only (no extra sync)."""
+        CPU the flags are read every step; on a GPU they are summed on the device (one add per
+        step) and read on refresh steps only, or when the set of weights changes."""
         bad = (~torch.cat([o.reshape(-1) for o in oks])).to(torch.int64)
-        if not read_now:
-            for i, st in enumerate(sts):
-                st.nonfinite = bad[i] if st.nonfinite is None else st.nonfinite + bad[i]
+        names = tuple(st.name for st in sts)
+        if self._nonfinite is not None:
+            old_names, old = self._nonfinite
+            self._nonfinite = None
+            if old_names == names:
+                bad = bad + old
+            else:
+                self._warn_nonfinite(old_names, old)
+        if read_now:
+            self._warn_nonfinite(names, bad)
+        else:
+            self._nonfinite = (names, bad)
+
+    def _warn_nonfinite(self, names: tuple[str, ...], counts: torch.Tensor) -> None:
+        if not bool(counts.any()):
             return
-        if not bool(bad.any()) and all(st.nonfinite is None for st in sts):
-            return
-        counts = bad.tolist()
-        for st, n in zip(sts, counts, strict=True):
-            n += 0 if st.nonfinite is None else int(st.nonfinite)
-            st.nonfinite = None
+        for name, n in zip(names, counts.tolist(), strict=True):
             if n:
-                warnings.warn(f"DSBP weight {st.name!r}: non-finite gradient on {n} step(s) up "
+                warnings.warn(f"DSBP weight {name!r}: non-finite gradient on {n} step(s) up "
                               f"to step {self.step}; left unprojected (as the base optimizer "
-                              "would see it)", RuntimeWarning, stacklevel=4)
+                              "would see it)", RuntimeWarning, stacklevel=5)
 
     @torch.no_grad()
     def project_(self) -> None:
@@ -811,18 +821,15 @@ class SpectralProjector:
         self.end_step()
 
     def _project(self, live: list[ParamState], read_now: bool) -> None:
+        # a low-rank backward already projected these: only the sharpness term
         in_span = [st for st in live if st.in_span_step == self.step]
-        if in_span:  # a low-rank backward already projected these: only the sharpness term
-            oks = [dsbp_update_(st.matrix(st.grad), st.basis, st.side, in_span=True,
-                                W=st.matrix(st.param.detach()) if st.sharpness else None,
-                                scale=st.sharpness_scale()) for st in in_span]
-            self._report_nonfinite(in_span, oks, read_now)
-            live = [st for st in live if st.in_span_step != self.step]
-            if not live:
-                return
-        path = self._resolved_path(live[0].param.device)
+        oks = [dsbp_update_(st.matrix(st.grad), st.basis, st.side, in_span=True,
+                            W=st.matrix(st.param.detach()) if st.sharpness else None,
+                            scale=st.sharpness_scale()) for st in in_span]
+        live = [st for st in live if st.in_span_step != self.step]
+        path = self._resolved_path(live[0].param.device) if live else "loop"
         if path == "loop":
-            sts, oks = live, self._project_loop(live)
+            sts, oks = in_span + live, oks + self._project_loop(live)
         else:
             groups: dict[tuple, list[ParamState]] = {}
             for st in live:
@@ -832,7 +839,8 @@ class SpectralProjector:
             grouped = list(groups.values())
             sts = [st for g in grouped for st in g]
             graphed = self._project_graphed(grouped) if path == "graph" else None
-            oks = graphed if graphed is not None else self._project_stacked(grouped)
+            oks += graphed if graphed is not None else self._project_stacked(grouped)
+            sts = in_span + sts
         self._report_nonfinite(sts, oks, read_now)
 
     def end_step(self) -> None:
